@@ -1,0 +1,35 @@
+# Two commands on a fresh Debian machine with python3:  make demo   |   make test
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORK ?= work/tiny
+
+.PHONY: demo test test-slow test-all venv clean bench
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[torch,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m cheers_deploy.demo --workdir $(WORK)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/cheers-deploy bench --workdir $(WORK) --backends torch,ort --out bench/results/cpu
+
+clean:
+	rm -rf $(VENV) work

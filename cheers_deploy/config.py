@@ -1,0 +1,243 @@
+"""Cheers configuration: dataclasses that read and write the official ``config.json`` schema.
+
+Absent fields take the official class defaults (ARCHITECTURE.md §1), which differ from the
+released values in several places (for example ``num_hidden_layers`` of the text model is absent
+from the released file and defaults to 28). Unknown keys are kept and written back unchanged.
+No torch here: the runtime reads the same config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .errors import CheckpointError
+
+
+def _from_dict(cls, d: Optional[dict]):
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    known = {k: v for k, v in d.items() if k in names and k != "extra"}
+    obj = cls(**known)
+    obj.extra = {k: v for k, v in d.items() if k not in names}
+    return obj
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.name == "extra":
+            continue
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    out.update(copy.deepcopy(obj.extra))
+    return out
+
+
+@dataclass
+class VAEEncoderConfig:
+    resolution: int = 256           # bookkeeping only
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 32
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class VAEDecoderConfig:
+    resolution: int = 256
+    ch: int = 128                   # also the output width of the hi projector (§11)
+    out_ch: int = 3
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2         # the decoder uses num_res_blocks + 1 blocks per level
+    in_channels: int = 3            # unused by the decoder
+    z_channels: int = 32
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 256
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class CheersConfig:
+    vae_encoder_config: VAEEncoderConfig = field(default_factory=VAEEncoderConfig)
+    vae_decoder_config: VAEDecoderConfig = field(default_factory=VAEDecoderConfig)
+    vision_representation_config: VisionConfig = field(default_factory=VisionConfig)
+    text_config: TextConfig = field(default_factory=TextConfig)
+    # Hard-coded in the official code (7 and 3 DiT blocks); config fields here so that tiny models can
+    # be shallower. Official files do not carry them, so they load with the official values.
+    gen_head_depth: int = 7
+    hi_head_depth: int = 3
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ---- derived values (computed, never stored) ----
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the normalised, 2x2-patchified latent (4 * z_channels)."""
+        return 4 * self.vae_decoder_config.z_channels
+
+    @property
+    def vae_downsample(self) -> int:
+        return 2 ** (len(self.vae_encoder_config.ch_mult) - 1)
+
+    def check(self) -> None:
+        """The couplings of ARCHITECTURE.md §1.5 / §19.1 that the sampler relies on."""
+        enc, dec = self.vae_encoder_config, self.vae_decoder_config
+        if enc.z_channels != dec.z_channels:
+            raise CheckpointError(f"config: vae encoder z_channels {enc.z_channels} != decoder {dec.z_channels}")
+        if dec.ch != self.latent_channels:
+            raise CheckpointError(
+                f"config: vae_decoder_config.ch ({dec.ch}) is the velocity width and must equal the latent "
+                f"channel count 4*z_channels ({self.latent_channels})")
+        if len(enc.ch_mult) != len(dec.ch_mult):
+            raise CheckpointError("config: encoder and decoder ch_mult must have the same number of levels")
+        v, t = self.vision_representation_config, self.text_config
+        if v.hidden_size % v.num_attention_heads or t.hidden_size % t.num_attention_heads:
+            raise CheckpointError("config: hidden_size must be divisible by num_attention_heads")
+        if t.num_attention_heads % t.num_key_value_heads or v.num_attention_heads % t.num_key_value_heads:
+            raise CheckpointError("config: attention heads must be a multiple of text num_key_value_heads")
+        if 2 * self.vae_downsample != v.patch_size:
+            raise CheckpointError(
+                f"config: the VAE downsamples by {self.vae_downsample} and the latent is 2x2-patchified, so "
+                f"the ViT patch size must be {2 * self.vae_downsample} (found {v.patch_size})")
+
+    # ---- (de)serialisation in the official schema ----
+    @classmethod
+    def from_dict(cls, d: dict) -> "CheersConfig":
+        d = dict(d)
+        cfg = cls(
+            vae_encoder_config=_from_dict(VAEEncoderConfig, d.pop("vae_encoder_config", None)),
+            vae_decoder_config=_from_dict(VAEDecoderConfig, d.pop("vae_decoder_config", None)),
+            vision_representation_config=_from_dict(VisionConfig, d.pop("vision_representation_config", None)),
+            text_config=_from_dict(TextConfig, d.pop("text_config", None)),
+        )
+        for name in ("gen_head_depth", "hi_head_depth"):
+            if name in d:
+                setattr(cfg, name, int(d.pop(name)))
+        cfg.extra = d
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = {
+            "architectures": ["Cheers"],
+            "model_type": "umm",
+            "vae_encoder_config": _to_dict(self.vae_encoder_config),
+            "vae_decoder_config": _to_dict(self.vae_decoder_config),
+            "vision_representation_config": _to_dict(self.vision_representation_config),
+            "text_config": _to_dict(self.text_config),
+        }
+        if self.gen_head_depth != 7:
+            out["gen_head_depth"] = self.gen_head_depth
+        if self.hi_head_depth != 3:
+            out["hi_head_depth"] = self.hi_head_depth
+        out.update(copy.deepcopy(self.extra))
+        return out
+
+    @classmethod
+    def from_file(cls, path) -> "CheersConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"missing config file: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(d)
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name: str) -> "CheersConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_dict(PRESETS[name])
+
+
+# The released config.json (ARCHITECTURE.md §1), i.e. ~2.8B stored values.
+_OFFICIAL = {
+    "architectures": ["Cheers"],
+    "model_type": "umm",
+    "torch_dtype": "bfloat16",
+    "vae_encoder_config": {"resolution": 512},
+    "vae_decoder_config": {"resolution": 512},
+    "vision_representation_config": {
+        "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+        "num_channels": 3, "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6, "attention_dropout": 0.0, "num_patches": 1024, "model_type": "umm"},
+    "text_config": {
+        "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "max_position_embeddings": 32768, "sliding_window": 32768,
+        "max_window_layers": 21, "tie_word_embeddings": True},
+}
+
+# Small enough for unit tests on CPU; the widths follow the official couplings (§19.1).
+_TINY = {
+    "architectures": ["Cheers"],
+    "model_type": "umm",
+    "torch_dtype": "float32",
+    "vae_encoder_config": {"resolution": 64, "ch": 32, "ch_mult": [1, 2, 4, 4], "z_channels": 32},
+    "vae_decoder_config": {"resolution": 64, "ch": 128, "ch_mult": [1, 1, 2, 2], "z_channels": 32},
+    "vision_representation_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 64, "patch_size": 16},
+    "text_config": {
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "gen_head_depth": 2,
+    "hi_head_depth": 1,
+}
+
+PRESETS: Dict[str, dict] = {"cheers-official": _OFFICIAL, "tiny": _TINY}

@@ -1,0 +1,27 @@
+"""Errors a user can act on. The CLI prints their message on one line and exits with code 2."""
+
+
+class CheersError(Exception):
+    """Base class: bad input, a broken checkpoint or workdir, a missing dependency."""
+
+
+class CheckpointError(CheersError):
+    """A checkpoint directory or file is missing, corrupt or does not match the config."""
+
+
+class InputError(CheersError):
+    """A prompt, an image or an argument is not usable."""
+
+
+class MissingDependencyError(CheersError):
+    """An optional dependency (torch, TensorRT, cuda-python...) is not installed."""
+
+
+def require_torch():
+    """Import torch or raise the install hint (the base install runs without it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - exercised in the no-torch test
+        raise MissingDependencyError(
+            "this feature needs PyTorch: install cheers-deploy[torch] (pip install torch==2.13.0)") from exc
+    return torch

@@ -1,0 +1,73 @@
+"""Qwen2 decoder over `inputs_embeds` with an explicit KV interface (§7).
+
+Each layer takes the cached (already rotated) keys/values of earlier positions and returns the new
+entries; who stores them (a concatenated cache, a static buffer written by position) is the caller's
+business, so the same module serves prefill, decode and the image step.
+"""
+
+import torch
+import torch.nn as nn
+
+from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin, rope_inv_freq
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.heads, self.kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = d // self.heads
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        b, s, _ = x.shape
+        # (B,S,H*Dh) -> (B,H,S,Dh)
+        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = k if past_k is None else torch.cat([past_k, k], dim=2)          # (B,Hkv,T,Dh)
+        v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+        a = attention(q, k_all, v_all, mask)                                     # (B,H,S,Dh)
+        return self.o_proj(a.transpose(1, 2).reshape(b, s, -1)), k, v
+
+
+class Qwen2Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, past_k=None, past_v=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Qwen2Model(nn.Module):
+    """`model.language_model`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Qwen2Layer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds, position_ids, mask, past=None):
+        """inputs_embeds (B,S,D), position_ids (B,S), mask bool (B,1,S,T) or None (= all allowed),
+        past: list of (k, v) per layer, each (B,Hkv,P,Dh), or None.
+        Returns final-normed hidden states (B,S,D) and the new (k, v) per layer, each (B,Hkv,S,Dh)."""
+        dtype = inputs_embeds.dtype
+        inv = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        cos, sin = rope_cos_sin(position_ids, inv, dtype)                       # (B,S,Dh)
+        x, new = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            pk, pv = past[i] if past is not None else (None, None)
+            x, k, v = layer(x, cos, sin, mask, pk, pv)
+            new.append((k, v))
+        return self.norm(x), new

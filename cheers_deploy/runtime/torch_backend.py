@@ -1,0 +1,96 @@
+"""The torch backend: the reference modules of `cheers_deploy.model` behind the backend contract,
+with a static KV cache written by position."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..errors import require_torch
+from .backend import Backend
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class TorchCache:
+    def __init__(self, k, v):
+        self.k, self.v = k, v          # per layer: (B,Hkv,Tmax,Dh)
+
+    @property
+    def max_len(self):
+        return self.k[0].shape[2]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32"):
+        torch = require_torch()
+        self.torch = torch
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        self.dtype = getattr(torch, DTYPES[dtype])
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.cfg = model.config
+        torch.set_grad_enabled(False)
+
+    def from_numpy(self, a):
+        t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def to_numpy(self, a):
+        return a.detach().float().cpu().numpy() if a.is_floating_point() else a.cpu().numpy()
+
+    def repeat_batch(self, a, n):
+        return a.expand(n, *a.shape[1:])
+
+    def concat_seq(self, parts):
+        return self.torch.cat(list(parts), dim=1)
+
+    def concat_batch(self, parts):
+        return self.torch.cat(list(parts), dim=0)
+
+    def embed(self, ids):
+        return self.model.embed(self.torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device))
+
+    def vae_encode(self, pixels):
+        return self.model.vae_encode(self.from_numpy(pixels))
+
+    def vision_tokenize(self, latent):
+        return self.model.vision_tokenize(latent)
+
+    def new_cache(self, batch, max_len):
+        t = self.cfg.text_config
+        shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
+        mk = lambda: self.torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return TorchCache([mk() for _ in range(t.num_hidden_layers)], [mk() for _ in range(t.num_hidden_layers)])
+
+    def backbone(self, cache, embeds, start, mask: Optional[np.ndarray]):
+        torch = self.torch
+        b, s, _ = embeds.shape
+        if start + s > cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {start + s} > {cache.max_len}")
+        pos = torch.arange(start, start + s, device=self.device)[None].expand(b, s)
+        m = None if mask is None else torch.from_numpy(mask).to(self.device)[None, None]   # (1,1,S,T)
+        past = [(k[:b, :, :start], v[:b, :, :start]) for k, v in zip(cache.k, cache.v)]
+        hidden, new = self.model.backbone(embeds, pos, m, past)
+        for i, (k, v) in enumerate(new):           # write by position: no reallocation
+            cache.k[i][:b, :, start:start + s] = k
+            cache.v[i][:b, :, start:start + s] = v
+        return hidden
+
+    def logits(self, hidden_last):
+        return self.model.logits(hidden_last).float().cpu().numpy()
+
+    def cfm_head(self, hidden, patch_embeds, t):
+        return self.model.cfm_head(hidden, patch_embeds, self.torch.from_numpy(np.asarray(t, np.float32)).to(self.device))
+
+    def vae_decode(self, latent):
+        return self.to_numpy(self.model.vae_decode(latent))
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()

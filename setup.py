@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+BASE = [
+    "numpy>=1.24",
+    "onnxruntime>=1.18",
+    "onnx>=1.16",
+    "Pillow>=10",
+    "opencv-python-headless>=4.8",
+    "tokenizers>=0.19",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+]
+
+setup(
+    name="cheers-deploy",
+    version="0.1.0",
+    description="Export, quantize, build and run the Cheers unified multimodal model (ONNX Runtime, TensorRT)",
+    long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cheers_deploy", "cheers_deploy.*"]),
+    package_data={"cheers_deploy": ["assets/*/*", "assets/*.json"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=BASE,
+    extras_require={
+        # torch==2.13.0 is the CPU wheel this project pins (any other spec pulls GBs of CUDA wheels)
+        "torch": ["torch==2.13.0", "onnxslim>=0.1.30", "onnxscript>=0.1", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "transformers==4.51.3", "matplotlib>=3.7"],
+        "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.0"],
+        "trt": ["polygraphy>=0.49", "cuda-python>=12.0"],
+    },
+    entry_points={"console_scripts": ["cheers-deploy=cheers_deploy.cli:main"]},
+)
