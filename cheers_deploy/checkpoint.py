@@ -155,6 +155,7 @@ def save_state(model, out_dir: Path, max_shard_bytes: Optional[int] = None) -> N
 def _atomic_save(save_file, tensors, path: Path):
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; checkpoints are meant to be shared
     os.replace(tmp, path)
 
 

@@ -240,4 +240,27 @@ _TINY = {
     "hi_head_depth": 1,
 }
 
-PRESETS: Dict[str, dict] = {"cheers-official": _OFFICIAL, "tiny": _TINY}
+# The model trained on the synthetic shapes world (cheers_deploy.train, docs/training.md): the official
+# architecture scaled down with every coupling kept (§1.5, §19.1): 64 px images, VAE downsample 8 (4 levels)
+# and 2x2 patchify -> ViT patch 16; z_channels 8 -> 32 latent channels = vae_decoder ch (velocity width);
+# 4x4 latent / 16 ViT patches / 4 LLM tokens per image; vocab = the world BPE (446 ids) padded to 448.
+_TINY_SHAPES = {
+    "architectures": ["Cheers"],
+    "model_type": "umm",
+    "torch_dtype": "float32",
+    "vae_encoder_config": {"resolution": 64, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+                           "z_channels": 8},
+    "vae_decoder_config": {"resolution": 64, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 0,
+                           "z_channels": 8},
+    "vision_representation_config": {
+        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": 64, "patch_size": 16, "num_patches": 16},
+    "text_config": {
+        "vocab_size": 448, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "tie_word_embeddings": True},
+    "gen_head_depth": 2,
+    "hi_head_depth": 1,
+}
+
+PRESETS: Dict[str, dict] = {"cheers-official": _OFFICIAL, "tiny": _TINY, "tiny-shapes": _TINY_SHAPES}

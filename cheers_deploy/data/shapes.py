@@ -404,15 +404,16 @@ def qa_pairs(scene: Scene) -> List[QA]:
     for o in objs:
         qa.append(("position", f"where is the {o.color} {o.shape}?", o.position))
     qa.append(("count", "how many shapes are there?", NUMBER_WORDS[len(objs)]))
-    present = {o.combo for o in objs}
+    used = {o.combo for o in objs}
     rng = np.random.default_rng(stable_hash("qa|" + scene_key(scene)))
     for i, o in enumerate(objs):
         qa.append(("exists", f"is there {article(o.color)} {o.color} {o.shape}?", "yes"))
         if i % 2 == 0:
-            cands = [(c, o.shape) for c in COLOR_NAMES if (c, o.shape) not in present]
+            cands = [(c, o.shape) for c in COLOR_NAMES if (c, o.shape) not in used]
         else:
-            cands = [(o.color, s) for s in SHAPES if (o.color, s) not in present]
+            cands = [(o.color, s) for s in SHAPES if (o.color, s) not in used]
         c, s = cands[int(rng.integers(len(cands)))]
+        used.add((c, s))  # no question twice
         qa.append(("exists", f"is there {article(c)} {c} {s}?", "no"))
     return qa
 

@@ -37,7 +37,11 @@ class CheersModel(nn.Module):
         self.model = _Inner(cfg)
         t = cfg.text_config
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
-        self.lm_head.weight = self.model.language_model.embed_tokens.weight   # tied (§17.23)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """lm_head uses the embedding matrix (§17.23); call again after `to_empty`, which unties parameters."""
+        self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     # ---- stages (each one exported graph) ----
     def vae_encode(self, pixels):

@@ -87,6 +87,7 @@ class Pipeline:
         with torch.device("meta"):
             model = CheersModel(cfg)
         model = model.to_empty(device="cpu")
+        model.tie_weights()
         load_state_into(model, ckpt)
         proc = Processor.from_dir(ckpt, default_resolution=cfg.vision_representation_config.image_size)
         return cls(TorchBackend(model, device=device, dtype=dtype), proc.tokenizer, proc, cfg)

@@ -3,6 +3,7 @@ with a static KV cache written by position."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -12,6 +13,15 @@ from .backend import Backend
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+def _no_grad(fn):
+    """Stage methods run without autograd; the process-wide grad mode is left alone (training shares it)."""
+    @functools.wraps(fn)
+    def wrap(self, *a, **k):
+        with self.torch.no_grad():
+            return fn(self, *a, **k)
+    return wrap
 
 
 class TorchCache:
@@ -35,7 +45,6 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.cfg = model.config
-        torch.set_grad_enabled(False)
 
     def from_numpy(self, a):
         t = self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -53,12 +62,15 @@ class TorchBackend(Backend):
     def concat_batch(self, parts):
         return self.torch.cat(list(parts), dim=0)
 
+    @_no_grad
     def embed(self, ids):
         return self.model.embed(self.torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device))
 
+    @_no_grad
     def vae_encode(self, pixels):
         return self.model.vae_encode(self.from_numpy(pixels))
 
+    @_no_grad
     def vision_tokenize(self, latent):
         return self.model.vision_tokenize(latent)
 
@@ -68,6 +80,7 @@ class TorchBackend(Backend):
         mk = lambda: self.torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
         return TorchCache([mk() for _ in range(t.num_hidden_layers)], [mk() for _ in range(t.num_hidden_layers)])
 
+    @_no_grad
     def backbone(self, cache, embeds, start, mask: Optional[np.ndarray]):
         torch = self.torch
         b, s, _ = embeds.shape
@@ -82,12 +95,15 @@ class TorchBackend(Backend):
             cache.v[i][:b, :, start:start + s] = v
         return hidden
 
+    @_no_grad
     def logits(self, hidden_last):
-        return self.model.logits(hidden_last).float().cpu().numpy()
+        return self.model.logits(hidden_last).detach().float().cpu().numpy()
 
+    @_no_grad
     def cfm_head(self, hidden, patch_embeds, t):
         return self.model.cfm_head(hidden, patch_embeds, self.torch.from_numpy(np.asarray(t, np.float32)).to(self.device))
 
+    @_no_grad
     def vae_decode(self, latent):
         return self.to_numpy(self.model.vae_decode(latent))
 

@@ -13,18 +13,19 @@
 //
 // Work decomposition: one warp per token row, kRowsPerBlock rows per 128-thread block. Lane l owns the vectors
 // j = l, l+32, l+64, ... of the row; a vector is 16 bytes (float4 / 8 halves / 8 bf16) when C and every pointer
-// allow it (see gated_residual_vector_width), else one element.
+// allow it (rule at the end of this comment), else one element.
 //
 //  * gated_residual_warp_kernel<T, V, VPT>: the row (VPT vectors per lane) is loaded once into registers - h, low and
 //    high are all issued before any arithmetic so the loads overlap - then: dot -> warp reduce -> g; x = low + g*high
 //    kept in registers; mean (reduce); centred variance sum((x-mean)^2) (reduce, exact two-pass over registers, no
-//    cancellation); normalise, affine, store. Each input byte is read from DRAM exactly once.
+//    cancellation); normalise, affine, store. Every activation byte is read from DRAM exactly once.
 //  * gated_residual_stream_kernel<T, V>: any C (rows too wide for the register cache): same maths, re-reading the
 //    row from global memory (L1/L2-resident) in each phase instead of caching it.
 //
 // The launch-configuration rule (mirrored in Python by cheers_deploy.engines.plugin_build.kernel_launch_config):
 //   V   = 16 / sizeof(T) if C % that == 0 and all 7 array pointers are 16-byte aligned, else 1
-//   vpt = ceil(C / V / 32), rounded UP to the next entry of {1,2,3,4,5,6,8,9,12,16}; > 16 -> stream kernel.
+//   vpt = ceil(C / V / 32), rounded UP to the next entry of {1,2,3,4,5,6,8,9} (V > 1) or {1,2,4,8,16} (V == 1);
+//         a wider row -> stream kernel with the same V.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,7 +37,6 @@ namespace cheers_gr
 constexpr int kWarpSize = 32;
 constexpr int kRowsPerBlock = 4; // warps (= rows) per block
 constexpr int kThreadsPerBlock = kWarpSize * kRowsPerBlock;
-constexpr int kMaxVecPerLane = 16; // largest register-cached instantiation
 
 // ---- scalar conversions (FP32 compute) ---------------------------------------------------------------------------
 template <typename T>

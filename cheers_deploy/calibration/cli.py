@@ -1,0 +1,100 @@
+"""`cheers-deploy calibrate {capture,quantize,convert,sweep,report}` (docs/precision.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="FP16/BF16 conversion and INT8 calibration of exported graphs",
+                              description="Precision workflow for TensorRT's strongly typed builds: capture "
+                                          "calibration data, quantize (INT8 Q/DQ), convert (fp16/bf16), sweep "
+                                          "(mixed plan), report. See docs/precision.md.")
+    sub = p.add_subparsers(dest="calibrate_command", metavar="{capture,quantize,convert,sweep,report}")
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    c = sub.add_parser("capture", help="record every graph's real inputs while the fp32 ORT pipeline runs")
+    c.add_argument("--workdir", required=True)
+    c.add_argument("--n", type=int, default=16, help="calibration items (each: one answer + one generation)")
+    c.add_argument("--max-mb", type=float, default=512.0, help="size cap of the captured shards")
+    c.add_argument("--data", default=None, help="JSONL of {image, question, prompt} (default: shapes world train)")
+    c.add_argument("--steps", type=int, default=25, help="Euler steps of the calibration generations")
+    c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_capture)
+
+    q = sub.add_parser("quantize", help="INT8 Q/DQ graphs (<graph>.int8.onnx) from the captured data")
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--method", choices=["entropy", "minmax", "percentile"], default="entropy")
+    q.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN", help="node-name patterns kept in fp32")
+    q.add_argument("--graphs", nargs="*", default=None)
+    q.add_argument("--quantize-hi-gate", action="store_true",
+                   help="also quantize the hi gate (breaks exact TensorRT plugin fusion)")
+    q.add_argument("--exclude-activation-matmul", action="store_true",
+                   help="keep MatMuls of two activations (attention) in fp32")
+    q.set_defaults(func=_quantize)
+
+    v = sub.add_parser("convert", help="fp16 / bf16 graphs (I/O stays fp32)")
+    v.add_argument("--workdir", required=True)
+    v.add_argument("--precision", choices=["fp16", "bf16"], required=True)
+    v.add_argument("--graphs", nargs="*", default=None)
+    v.add_argument("--no-keep-fp32", action="store_true", help="convert without the sensitive-op fp32 block list")
+    v.set_defaults(func=_convert)
+
+    s = sub.add_parser("sweep", help="per-graph INT8 sensitivity -> the 'mixed' precision")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--psnr-min", type=float, default=30.0)
+    s.add_argument("--agree-min", type=float, default=0.95)
+    s.set_defaults(func=_sweep)
+
+    r = sub.add_parser("report", help="per-graph error and end-to-end scores per precision (markdown + PNG)")
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--json", default=None, metavar="PATH")
+    r.add_argument("--eval-n", type=int, default=20)
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--precisions", nargs="*", default=None)
+    r.add_argument("--out", default=None, help="folder of the markdown/PNG (default <workdir>/calib)")
+    r.set_defaults(func=_report)
+    return p
+
+
+def _capture(a) -> int:
+    from .capture import capture, summary
+
+    cm = capture(a.workdir, n=a.n, max_mb=a.max_mb, data=a.data, seed=a.seed, steps=a.steps,
+                 progress=not a.no_progress)
+    print(summary(cm))
+    return 0
+
+
+def _quantize(a) -> int:
+    from .quantize import quantize
+
+    quantize(a.workdir, a.graphs, a.method, a.exclude, exclude_hi_gate=not a.quantize_hi_gate,
+             exclude_activation_matmul=a.exclude_activation_matmul)
+    return 0
+
+
+def _convert(a) -> int:
+    from .convert import convert
+
+    convert(a.workdir, a.precision, a.graphs, keep_fp32=not a.no_keep_fp32)
+    return 0
+
+
+def _sweep(a) -> int:
+    from .report import sweep
+
+    res = sweep(a.workdir, steps=a.steps, psnr_min=a.psnr_min, agree_min=a.agree_min)
+    print(json.dumps(res["plan"]))
+    return 0
+
+
+def _report(a) -> int:
+    from .report import report
+
+    res = report(a.workdir, eval_n=a.eval_n, steps=a.steps, json_path=a.json, out_dir=a.out, precisions=a.precisions)
+    print(open(res["markdown"]).read())
+    return 0

@@ -1,0 +1,250 @@
+"""Per-graph error, end-to-end scores, the per-graph INT8 sensitivity sweep ("mixed") and the precision report.
+
+* per-graph error: every graph file of a precision against the fp32 graph on the captured inputs (cosine, max abs);
+  run by ORT CPU, or the ONNX reference evaluator where ORT CPU cannot run the dtype (bf16);
+* end to end (precisions whose five graphs ORT CPU runs): cheers_deploy.eval.evaluate on held-out scenes
+  (understanding exact match, generation color/shape/position) + image PSNR vs fp32 for the same noise and greedy
+  token-id agreement vs fp32;
+* sweep: one graph at a time in INT8 (others fp32), end-to-end PSNR / id agreement; graphs that fail the thresholds
+  fall back to fp16 (or fp32) in the "mixed" precision written to the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..runtime.manifest import Manifest
+from .common import GRAPHS, available_precisions, compare_outputs, graph_file, iter_feeds, psnr, sha256
+from .convert import GraphRun
+
+PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green star in the center",
+           "a yellow triangle at the bottom", "a purple cross on the right", "an orange circle at the top")
+PSNR_MIN_DB = 30.0          # sweep thresholds: a graph stays INT8 when quantizing it alone keeps both
+AGREE_MIN = 0.95
+
+
+# ------------------------------------------------------------------------------------------------ per graph
+def graph_errors(workdir, precision: str, limit: int = 4, graphs: Sequence[str] = GRAPHS) -> Dict[str, dict]:
+    man = Manifest.load(workdir)
+    out = {}
+    for g in graphs:
+        ref = GraphRun(man.graph_path(g), allow_reference=False)
+        run = GraphRun(graph_file(man, g, precision))
+        rows = [compare_outputs(run(f), ref(f)) for f in iter_feeds(workdir, g, limit=limit)]
+        out[g] = {"cosine": min(r["cosine"] for r in rows), "max_abs": max(r["max_abs"] for r in rows),
+                  "max_rel": max(r["max_rel"] for r in rows), "calls": len(rows),
+                  "engine": "ort-cpu" if run.engine == "ort-cpu" else "onnx-reference"}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _pipe(workdir, precision):
+    from ..runtime.pipeline import Pipeline
+
+    return Pipeline.from_workdir(workdir, backend="ort", precision=None if precision == "fp32" else precision)
+
+
+def ort_runs(workdir, precision: str) -> bool:
+    man = Manifest.load(workdir)
+    try:
+        for g in GRAPHS:
+            if GraphRun(graph_file(man, g, precision), allow_reference=False).engine != "ort-cpu":
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def fingerprint_outputs(pipe, n_images: int = 3, steps: int = 10, n_text: int = 3) -> dict:
+    """Images for fixed prompts and noise seeds, greedy ids of a few answers: compared across precisions."""
+    from ..data import shapes as W
+
+    imgs = [pipe.generate(p, steps=steps, cfg_scale=3.0, alpha=1.0, seed=100 + i, max_new_tokens=1).image
+            for i, p in enumerate(PROMPTS[:n_images])]
+    ids = []
+    for s in W.make_split("heldout", n_text, seed=7):
+        ids.append(pipe.answer(s.image, s.qa[0][1], max_new_tokens=6).token_ids)
+    return {"images": imgs, "ids": ids}
+
+
+def compare_fingerprints(a: dict, ref: dict) -> dict:
+    ps = [psnr(x, y) for x, y in zip(a["images"], ref["images"])]
+    agree = [float(np.mean([i == j for i, j in zip(x, y)])) if y else 1.0 for x, y in zip(a["ids"], ref["ids"])]
+    finite = [p for p in ps if math.isfinite(p)]
+    return {"image_psnr_db": float(np.mean(finite)) if finite else float("inf"),
+            "id_agreement": float(np.mean(agree)) if agree else 1.0}
+
+
+def evaluate_precision(workdir, precision: str, eval_n: int, steps: int, ref_fp: Optional[dict]) -> dict:
+    from ..eval.evaluate import evaluate
+
+    pipe = _pipe(workdir, precision)
+    t0 = time.perf_counter()
+    res = evaluate(pipe, n=eval_n, n_gen=eval_n, n_two=0, steps=steps)
+    fp = fingerprint_outputs(pipe, steps=steps)
+    u, g = res["understanding"], res["generation"]
+    out = {"understanding": {"exact_match": u["exact_match"], "per_type": u["per_type"],
+                             "n_questions": u["n_questions"]},
+           "generation": {k: g[k] for k in ("color", "shape", "position", "size", "single_object", "overall")},
+           "validated_by": "ort-cpu end to end", "eval_seconds": round(time.perf_counter() - t0, 1)}
+    out["generation"]["n"] = g["n_single"]
+    out.update(compare_fingerprints(fp, ref_fp) if ref_fp is not None else {"image_psnr_db": float("inf"),
+                                                                            "id_agreement": 1.0})
+    return out, fp
+
+
+# ------------------------------------------------------------------------------------------------ sweep / mixed
+def _set_variant(man: Manifest, precision: str, choice: Dict[str, str]) -> None:
+    for g, p in choice.items():
+        path = graph_file(man, g, p)
+        entry = man.graph(g)
+        entry.setdefault("precisions", {})[precision] = {
+            "file": path.name, "external_data": (entry if p == "fp32" else entry["precisions"][p]).get(
+                "external_data"), "sha256": sha256(path), "from": p}
+
+
+def sweep(workdir, steps: int = 10, psnr_min: float = PSNR_MIN_DB, agree_min: float = AGREE_MIN,
+          fallback: Optional[str] = None, log=print) -> dict:
+    """Quantize one graph at a time (the others fp32); graphs whose end-to-end PSNR / id agreement vs fp32 stay
+    above the thresholds keep INT8, the others fall back to `fallback` (default fp16 when present, else fp32).
+    Registers the result as precision "mixed". Returns {"per_graph": {...}, "plan": {graph: precision}}."""
+    workdir = Path(workdir)
+    man = Manifest.load(workdir)
+    have = available_precisions(man)
+    if "int8" not in have:
+        raise RuntimeError("sweep needs int8 graphs (cheers-deploy calibrate quantize)")
+    if fallback is None:
+        fallback = "fp16" if "fp16" in have and ort_runs(workdir, "fp16") else "fp32"
+    ref = fingerprint_outputs(_pipe(workdir, "fp32"), steps=steps)
+    per, plan = {}, {}
+    for g in GRAPHS:
+        _set_variant(man, "mixed", {h: ("int8" if h == g else "fp32") for h in GRAPHS})
+        man.save()
+        m = compare_fingerprints(fingerprint_outputs(_pipe(workdir, "mixed"), steps=steps), ref)
+        ok = m["image_psnr_db"] >= psnr_min and m["id_agreement"] >= agree_min
+        per[g] = dict(m, keep_int8=ok)
+        plan[g] = "int8" if ok else fallback
+        log(f"sweep: {g} alone in int8: PSNR {m['image_psnr_db']:.1f} dB, id agreement {m['id_agreement']:.3f}"
+            f" -> {plan[g]}")
+    _set_variant(man, "mixed", plan)
+    man.data.setdefault("calibration", {})["mixed"] = {"plan": plan, "sweep": per, "psnr_min_db": psnr_min,
+                                                      "id_agreement_min": agree_min, "fallback": fallback}
+    man.save()
+    return {"per_graph": per, "plan": plan}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(workdir, eval_n: int = 20, steps: int = 25, limit: int = 4, json_path=None, out_dir=None,
+           precisions: Optional[Sequence[str]] = None, log=print) -> dict:
+    workdir = Path(workdir)
+    man = Manifest.load(workdir)
+    precs = [p for p in (precisions or available_precisions(man)) if p in available_precisions(man)]
+    res: dict = {"workdir": str(workdir), "settings": {"eval_n": eval_n, "steps": steps, "per_graph_calls": limit},
+                 "precisions": {}}
+    ref_fp = None
+    order = ["fp32"] + [p for p in precs if p != "fp32"]
+    for p in order:
+        t0 = time.perf_counter()
+        entry: dict = {"graphs": graph_errors(workdir, p, limit) if p != "fp32" else {}}
+        if ort_runs(workdir, p):
+            e2e, fp = evaluate_precision(workdir, p, eval_n, steps, ref_fp)
+            if p == "fp32":
+                ref_fp = fp
+            entry.update(e2e)
+        else:
+            entry.update({"understanding": {"exact_match": None}, "generation": {"color": None, "shape": None,
+                                                                                  "position": None},
+                          "image_psnr_db": None, "validated_by": "onnx reference evaluator, per graph only "
+                                                                 "(ORT CPU has no kernels for this dtype)"})
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        res["precisions"][p] = entry
+        log(f"report: {p} done ({entry['seconds']} s)")
+    if "mixed" in res["precisions"]:
+        res["mixed_plan"] = man.data.get("calibration", {}).get("mixed", {}).get("plan")
+    out_dir = Path(out_dir) if out_dir else workdir / "calib"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(res)
+    (out_dir / "precision_report.md").write_text(md)
+    plot(res, out_dir / "precision_report.png")
+    res["markdown"] = str(out_dir / "precision_report.md")
+    res["plot"] = str(out_dir / "precision_report.png")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2, default=_json_default) + "\n")
+    return res
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def _f(x, fmt="{:.3f}"):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return fmt.format(x)
+
+
+def to_markdown(res: dict) -> str:
+    lines = ["# Precision report", "", f"workdir `{res['workdir']}`; settings {res['settings']}", "",
+             "## End to end (held-out shapes world)", "",
+             "| precision | understanding EM | gen color | gen shape | gen position | image PSNR vs fp32 (dB) | "
+             "id agreement | validated by |", "|---|---|---|---|---|---|---|---|"]
+    for p, e in res["precisions"].items():
+        g = e["generation"]
+        lines.append(f"| {p} | {_f(e['understanding']['exact_match'])} | {_f(g['color'])} | {_f(g['shape'])} | "
+                     f"{_f(g['position'])} | {_f(e.get('image_psnr_db'), '{:.1f}')} | {_f(e.get('id_agreement'))} | "
+                     f"{e['validated_by']} |")
+    lines += ["", "## Per-graph error vs fp32 (captured inputs)", "",
+              "| precision | graph | cosine (min) | max abs | max rel | run by |", "|---|---|---|---|---|---|"]
+    for p, e in res["precisions"].items():
+        for g, r in e["graphs"].items():
+            lines.append(f"| {p} | {g} | {r['cosine']:.6f} | {r['max_abs']:.3g} | {r['max_rel']:.3g} | {r['engine']} |")
+    if res.get("mixed_plan"):
+        lines += ["", f"mixed plan: {res['mixed_plan']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    precs = [p for p in res["precisions"] if p != "fp32"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for i, p in enumerate(precs):
+        gr = res["precisions"][p]["graphs"]
+        ys = [max(1e-9, 1 - gr[g]["cosine"]) for g in GRAPHS if g in gr]
+        ax[0].bar(np.arange(len(ys)) + i * 0.8 / max(1, len(precs)), ys, width=0.8 / max(1, len(precs)), label=p)
+    ax[0].set_xticks(np.arange(len(GRAPHS)))
+    ax[0].set_xticklabels(GRAPHS, rotation=20, fontsize=8)
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("1 - cosine vs fp32")
+    ax[0].legend()
+    names, keys = list(res["precisions"]), ["exact_match", "color", "shape", "position"]
+    for j, k in enumerate(keys):
+        vals = []
+        for p in names:
+            e = res["precisions"][p]
+            v = e["understanding"].get(k) if k == "exact_match" else e["generation"].get(k)
+            vals.append(np.nan if v is None else v)
+        ax[1].bar(np.arange(len(names)) + j * 0.2, vals, width=0.2, label=k)
+    ax[1].set_xticks(np.arange(len(names)) + 0.3)
+    ax[1].set_xticklabels(names)
+    ax[1].set_ylim(0, 1)
+    ax[1].legend(fontsize=8)
+    ax[1].set_title("end-to-end scores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
