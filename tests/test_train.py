@@ -2,7 +2,6 @@
 tokenizer, a short CPU run whose loss falls, and save/resume against an uninterrupted run."""
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from cheers_deploy.config import CheersConfig  # noqa: E402
 from cheers_deploy.data import shapes as W  # noqa: E402
 from cheers_deploy.processor import render_chat  # noqa: E402
 from cheers_deploy.tokenizer import IGNORE_INDEX, CheersTokenizer  # noqa: E402
-from cheers_deploy.train.data import BatchBuilder, DataConfig, SequenceBuilder, ShapesPool, bf16_round  # noqa: E402
+from cheers_deploy.train.data import BatchBuilder, DataConfig, ShapesPool, bf16_round  # noqa: E402
 from cheers_deploy.train.loop import TrainConfig, Trainer, lr_at  # noqa: E402
 from cheers_deploy.world_tokenizer import padded_vocab_size, train_world_tokenizer  # noqa: E402
 

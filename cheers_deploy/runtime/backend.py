@@ -77,6 +77,17 @@ class Backend:
         """Wait for queued device work (for honest stage timings)."""
 
 
+def lookup_embeddings(table: np.ndarray, ids) -> np.ndarray:
+    """Token embedding lookup on the host from the exported table (no torch): ids (B,S) -> (B,S,D) float32."""
+    from ..errors import InputError
+
+    ids = np.asarray(ids, dtype=np.int64)
+    v = table.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= v):
+        raise InputError(f"token id out of range [0, {v}): {int(ids.min())}..{int(ids.max())}")
+    return np.asarray(table[ids], dtype=np.float32)
+
+
 class StageTimer:
     """Wall-clock per stage; backends with asynchronous devices synchronise before reading the clock."""
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import CheckpointError, InputError, MissingDependencyError
-from .backend import Backend
+from .backend import Backend, lookup_embeddings
 from .manifest import EMBED_FILE, Manifest, check_io
 
 GRAPHS = ("vae_encoder", "vision_tokenizer", "backbone", "cfm_head", "vae_decoder")
@@ -223,11 +223,7 @@ class OrtBackend(Backend):
 
     # -- stages
     def embed(self, ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        v = self.embed_table.shape[0]
-        if ids.size and (ids.min() < 0 or ids.max() >= v):
-            raise InputError(f"token id out of range [0, {v}): {int(ids.min())}..{int(ids.max())}")
-        return np.asarray(self.embed_table[ids], dtype=np.float32)
+        return lookup_embeddings(self.embed_table, ids)
 
     def _run1(self, graph: str, *arrays):
         r = self.runners[graph]

@@ -41,7 +41,7 @@ from ..engines import build as eb
 from ..engines import compat
 from ..errors import CheckpointError, CheersError, InputError
 from . import device_memory as dm
-from .backend import Backend
+from .backend import Backend, lookup_embeddings
 from .manifest import EMBED_FILE, Manifest, check_io
 
 log = logging.getLogger(__name__)
@@ -373,11 +373,7 @@ class TrtBackend(Backend):
 
     # ------------------------------------------------------------------ stages
     def embed(self, ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        v = self.embed_table.shape[0]
-        if ids.size and (ids.min() < 0 or ids.max() >= v):
-            raise InputError(f"token id out of range [0, {v}): {int(ids.min())}..{int(ids.max())}")
-        return np.asarray(self.embed_table[ids], dtype=np.float32)
+        return lookup_embeddings(self.embed_table, ids)
 
     def _run1(self, graph: str, *arrays):
         e = self.engines[graph]
