@@ -47,8 +47,6 @@ def hi_gate_nodes(model) -> List[str]:
 def excluded_nodes(model, graph: str, patterns: Sequence[str] = (), exclude_hi_gate: bool = True,
                    exclude_activation_matmul: bool = False) -> List[str]:
     """Names of the quantizable nodes to keep in fp32."""
-    from onnx import numpy_helper  # noqa: F401
-
     inits = {i.name for i in model.graph.initializer}
     consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     out = set()
