@@ -34,7 +34,7 @@ def add_train_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the joint stage")
     p.add_argument("--stage-fractions", default=None,
                    help="vae,align,joint shares of --steps (default 0.2,0.05,0.75)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay in the joint stage (0 = off, default)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights in the joint stage (default 0.999; 0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (0 = only at the end)")
     p.add_argument("--log-every", type=int, default=10)

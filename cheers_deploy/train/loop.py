@@ -55,7 +55,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.99)
     weight_decay: float = 0.0               # official value
     grad_clip: float = 1.0
-    ema: float = 0.0                        # EMA decay in the joint stage (0 = off)
+    ema: float = 0.999                      # EMA decay in the joint stage (0 = off)
     image_weight: float = 1.0               # §14.3
     seed: int = 0
     save_every: int = 1000
