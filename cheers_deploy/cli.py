@@ -62,6 +62,7 @@ def write_png(image, out: Path):
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)      # mkstemp makes 0600 files; an output image is meant to be shared
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
