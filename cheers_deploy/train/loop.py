@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..checkpoint import load_state_into, save_state
 from ..config import CheersConfig
 from ..errors import InputError
+from ..model.vae import normalize
 from ..world_tokenizer import train_world_tokenizer
 from .data import BatchBuilder, DataConfig, ShapesPool, dummy_pixels, prefetch
 from .objective import batch_to_device, cheers_loss, raw_latents, vae_loss
@@ -203,15 +204,19 @@ class Trainer:
         vae, proj = inner.vae_model, inner.vae_decoder_projector
         with torch.no_grad():
             proj.decoder.load_state_dict(vae.decoder.state_dict())
-            raw = self._encode_pool(lambda x: raw_latents(vae, x))
+            raw = self._raw_latents()
             mean, var = raw.mean(dim=(0, 2, 3)), raw.var(dim=(0, 2, 3), unbiased=False)
             for bn in (vae.bn, proj.bn):
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
+            self._cache_latents(raw)
             self._center_patch_embedding()
         self.vae_finalized = True
 
-    def _center_patch_embedding(self, n_max: int = 2048):
+    def _raw_latents(self):
+        return self._encode_pool(lambda x: raw_latents(self.model.model.vae_model, x))
+
+    def _center_patch_embedding(self, n_max: int = 512):
         """Data-dependent init of the ViT patch embedding: fold a per-channel standardisation of the decoder-
         projector images, (P - mean patch) / std, into the conv weight and bias. The shapes world is ~99 %
         light background, so without it every image maps to nearly the same tokens (cosine ~0.997) and the
@@ -220,8 +225,9 @@ class Trainer:
         pe = m.model.vision_representation.embeddings.patch_embedding
         k = pe.kernel_size[0]
         n = min(n_max, len(self.pool))
-        pix = self._encode_pool(lambda x: m.model.vae_decoder_projector(m.vae_encode(x)),
-                                pixels=self.pool.pixels(np.arange(n)))        # (n,3,H,W)
+        with torch.no_grad(), self._autocast_off():
+            pix = torch.cat([m.model.vae_decoder_projector(self.latents[i:i + 256]).float()
+                             for i in range(0, n, 256)])                       # (n,3,H,W)
         patches = pix.unfold(2, k, k).unfold(3, k, k)                           # (n,3,gh,gw,k,k)
         mu = patches.mean(dim=(0, 2, 3))                                       # (3,k,k) mean patch
         sd = pix.std(dim=(0, 2, 3)).clamp_min(1e-3)                            # (3,) per channel
@@ -288,11 +294,13 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def _cache_latents(self):
-        """Normalised latents (x1) of the pool and of the dummy images, computed once (vae_model is frozen)."""
-        enc = self.model.vae_encode
-        self.latents = self._encode_pool(enc)
-        self.dummy_latents = self._encode_pool(enc, pixels=self.dummy_pix)
+    def _cache_latents(self, raw=None):
+        """Normalised latents (x1) of the pool and of the dummy images, computed once (vae_model is frozen):
+        the patchified encoder means through the BatchNorm statistics, i.e. `model.vae_encode`."""
+        vae = self.model.model.vae_model
+        raw = self._raw_latents() if raw is None else raw
+        self.latents = normalize(raw, vae.bn)
+        self.dummy_latents = normalize(self._encode_pool(lambda x: raw_latents(vae, x), pixels=self.dummy_pix), vae.bn)
 
     # ------------------------------------------------------------------ run
     def run(self, until: Optional[int] = None) -> dict:
@@ -346,10 +354,10 @@ class Trainer:
         if self.opt_state_file is not None:
             self._load_optimizer(opt, names, stage)
             self.opt_state_file = None
-        if stage != "vae":
-            self._cache_latents()
-            if tc.ema > 0 and stage == "joint" and self.ema is None:
-                self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
+        if stage != "vae" and self.latents is None:
+            self._cache_latents()                      # vae_model is frozen from here on
+        if tc.ema > 0 and stage == "joint" and self.ema is None:
+            self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
         n = hi - lo
         acc: Dict[str, torch.Tensor] = {}
         n_acc = 0
@@ -450,8 +458,12 @@ class Trainer:
         state = {"step": step, "stage": stage, "vae_finalized": self.vae_finalized, "ema_steps": self.ema_steps,
                  "has_optimizer": opt_names is not None, "train_config": self.tcfg.to_dict(),
                  "elapsed_s": round(time.perf_counter() - getattr(self, "t_start", time.perf_counter()), 2)}
+        # the state file names a complete checkpoint: flush everything to disk before writing it
+        for f in [out / "model.safetensors", tdir / "model.safetensors", opt_file, out / "loss.csv"]:
+            _fsync(f)
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
+        _fsync(tmp)
         os.replace(tmp, out / STATE_FILE)
 
     class _Swap:
@@ -528,8 +540,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         rows = []
         if self.start_step > 0 and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start_step]
+            # keep the rows up to the resumed step; skip rows a crash left half-written (or NUL-filled)
+            text = path.read_text(errors="replace").replace("\x00", "")
+            for r in csv.DictReader(text.splitlines()):
+                try:
+                    if int(r["step"]) <= self.start_step and r["stage"] in STAGES:
+                        rows.append(r)
+                except (TypeError, ValueError, KeyError):
+                    continue
         self._csv_file = open(path, "w", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
         self._csv.writeheader()
@@ -550,6 +568,12 @@ class Trainer:
     def plot(self):
         """loss.png from loss.csv (matplotlib, Agg)."""
         plot_losses(self.out / "loss.csv", self.out / "loss.png")
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def plot_losses(csv_path, png_path) -> None:
