@@ -109,7 +109,7 @@ def test_fp16_keeps_io_fp32_and_small_error(wd, captured):
 def test_report_json_has_documented_keys(wd, quantized, tmp_path):
     path = tmp_path / "report.json"
     res = rep.report(wd, eval_n=1, steps=2, limit=1, json_path=path, out_dir=tmp_path,
-                     precisions=["fp32", "int8"], log=lambda *a: None)
+                     precisions=["fp32", "int8"], n_text=2, log=lambda *a: None)
     data = json.loads(path.read_text())
     for p in ("fp32", "int8"):
         e = data["precisions"][p]
@@ -119,3 +119,42 @@ def test_report_json_has_documented_keys(wd, quantized, tmp_path):
         assert "image_psnr_db" in e
     assert data["precisions"]["int8"]["graphs"]["backbone"]["cosine"] > 0.9
     assert Path(res["plot"]).is_file() and Path(res["markdown"]).is_file()
+
+
+def test_layer_groups_follow_numbered_layers(wd):
+    m = onnx.load(str(wd / "backbone.onnx"), load_external_data=False)
+    groups = quant.layer_groups(m)
+    n_layers = Manifest.load(wd).config["text_config"]["num_hidden_layers"]
+    assert [k for k in groups if "/layers." in k] == [f"/language_model/layers.{i}" for i in range(n_layers)]
+    quantizable = [n.name for n in m.graph.node if n.op_type in quant.OP_TYPES]
+    assert sorted(sum(groups.values(), [])) == sorted(quantizable)       # every node in exactly one group
+
+
+def test_sweep_per_graph_and_per_layer(wd, quantized, tmp_path):
+    """Thresholds every probe passes (0) make the plan deterministic on a random model; a per-layer sweep of
+    cfm_head then writes and registers cfm_head.int8_layers.onnx, which the "mixed" pipeline runs."""
+    work = tmp_path / "wd"
+    shutil.copytree(wd, work, symlinks=True)
+    res = rep.sweep(work, psnr_min=0.0, agree_min=0.0, per_layer=["cfm_head"], steps=2, n_text=2,
+                    log=lambda *a: None)
+    assert res["plan"] == {**{g: "int8" for g in GRAPHS}, "cfm_head": "int8_layers"}
+    from cheers_deploy.data import shapes as W
+    assert res["per_graph"]["backbone"]["answers"] == sum(len(s.qa) for s in W.make_split("heldout", 2, seed=7))
+    layer = res["per_layer"]["cfm_head"]
+    assert layer["ok"] and len(layer["groups"]) >= 2 and all(v["keep_int8"] for v in layer["groups"].values())
+    man = Manifest.load(work)
+    v = man.graph("cfm_head")["precisions"]["int8_layers"]
+    assert (work / v["file"]).is_file() and not list(work.glob("*int8_probe*"))
+    model = onnx.load(str(work / "cfm_head.onnx"), load_external_data=False)
+    assert set(quant.hi_gate_nodes(model)) <= set(v["excluded_nodes"])     # plugin region stays float
+    assert man.graph("cfm_head")["precisions"]["mixed"]["from"] == "int8_layers"
+    out = Pipeline.from_workdir(work, precision="mixed").generate("a red circle", steps=2, seed=1, max_new_tokens=1)
+    assert out.image.dtype == np.uint8
+
+
+def test_sweep_falls_back_when_nothing_passes(wd, quantized, tmp_path):
+    work = tmp_path / "wd"
+    shutil.copytree(wd, work, symlinks=True)
+    res = rep.sweep(work, psnr_min=0.0, agree_min=1.01, fallback="fp32", steps=2, n_text=1, log=lambda *a: None)
+    assert set(res["plan"].values()) == {"fp32"} and res["per_layer"] == {}
+    assert Manifest.load(work).data["calibration"]["mixed"]["plan"] == res["plan"]

@@ -230,6 +230,38 @@ def test_export_is_idempotent(tiny_workdir, tiny_ckpt, tmp_path):
     assert Manifest.load(wd).graph("cfm_head")["source_hash"] != "stale"
 
 
+def test_retrained_checkpoint_is_not_up_to_date(tiny_workdir, tiny_ckpt, tmp_path, capsys):
+    """Same architecture, same header and file size, other weights (a retrained model copied over the old
+    one): the hash changes, the graph is re-exported, and calibration data of the old weights is dropped."""
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ck)
+    (wf,) = sorted(ck.glob("*.safetensors"))
+    header = wf.read_bytes()[: 8 + int.from_bytes(wf.read_bytes()[:8], "little")]
+    assert checkpoint_hash(ck) == checkpoint_hash(tiny_ckpt)
+    tensors = load_file(str(wf))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.asarray(1e-3, tensors[name].dtype)
+    save_file(tensors, str(wf), metadata=json.loads(header[8:]).get("__metadata__"))
+    assert wf.read_bytes()[: len(header)] == header and wf.stat().st_size == (tiny_ckpt / wf.name).stat().st_size
+    assert checkpoint_hash(ck) != checkpoint_hash(tiny_ckpt)
+
+    wd = tmp_path / "wd"
+    shutil.copytree(tiny_workdir, wd)
+    data = json.loads((wd / "manifest.json").read_text())
+    data["calibration"] = {"captures": "old"}
+    (wd / "manifest.json").write_text(json.dumps(data))
+    before = _mtimes(wd)
+    capsys.readouterr()
+    exporter.export_all(ck, wd, progress=False, graphs=["cfm_head"])
+    assert "another checkpoint" in capsys.readouterr().err
+    man = Manifest.load(wd)
+    assert _mtimes(wd)["cfm_head.onnx"] != before["cfm_head.onnx"]
+    assert "calibration" not in man.data and set(man.graphs) == {"cfm_head"}
+    assert man.data["checkpoint"]["hash"] == checkpoint_hash(ck)
+
+
 def test_export_script(tiny_workdir, tiny_ckpt, tmp_path):
     """export/export.py (the thin script) on an up-to-date copy: exits 0 and lists the graphs."""
     wd = tmp_path / "wd"

@@ -185,7 +185,11 @@ def test_cuda_graph_replay_matches_eager_and_recaptures():
         assert _close(got, ref) and g.captures == 1
         b.opts.set_gqa(True)                         # a switch changes the recorded code path
         got = gs.parity_latent(g, b, 3)
-        assert g.captures == 2 and _close(got, ref)
+        ref_gqa = gs.parity_latent(gs.BodyRunner(b), b, 3)
+        assert g.captures == 2 and _close(got, ref_gqa)
+        # enable_gqa moves fp32 SDPA to another kernel (measured on an H100, 2026-11-22: about 2e-3 of the latent's
+        # scale after 3 CFG-amplified steps), so eager-vs-eager across the switch gets a looser bound
+        assert float((ref_gqa - ref).abs().max()) <= 1e-2 * max(1.0, float(ref.abs().max()))
         try:
             import triton  # noqa: F401
         except ImportError:

@@ -1069,9 +1069,12 @@ def _device_info(torch, device) -> Dict[str, object]:
 
 def run(args) -> Dict:
     """The whole benchmark; the switches patch package functions, so they are always switched back off."""
+    import torch
+
     live: List[Opts] = []
     try:
-        return _run(args, live)
+        with torch.no_grad():           # inference only: without it the naive loop keeps autograd state (OOM on H100)
+            return _run(args, live)
     finally:
         for o in live:
             o.reset()
@@ -1254,7 +1257,7 @@ def _run(args, live: List["Opts"]) -> Dict:
     best = min((n for n in ok if n != "naive" and n in runners), key=lambda n: ok[n]["per_step_ms"]["median"],
                default=None)
     d["best_variant"] = best
-    for name in [n for n in ("naive", best) if n]:
+    for name in [n for n in ("naive", best) if n and d["variants"].get(n, {}).get("status") == "ok"]:
         r = d["variants"][name]
         est = r["per_step_ms"]["median"] * args.steps / 1e3 * 1.2
         if name not in runners or deadline.left() < est + 60 * (cuda and "compile" in selected) + 5:

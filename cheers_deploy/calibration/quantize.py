@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -63,6 +64,30 @@ def excluded_nodes(model, graph: str, patterns: Sequence[str] = (), exclude_hi_g
                                                                           for i in n.input[:2]):
             out.add(n.name)
     return sorted(out)
+
+
+_LAYER = re.compile(r"^(.*?/(?:layers|blocks|block|encoder_layers|resnets|attentions)[._]\d+)(?:/|$)")
+
+
+def layer_groups(model) -> Dict[str, List[str]]:
+    """Quantizable nodes (OP_TYPES) grouped by transformer/conv layer for the per-layer sensitivity sweep.
+
+    The group of a node is the path of its name up to the first numbered layer segment
+    (`/language_model/layers.3/mlp/up_proj/MatMul` -> `/language_model/layers.3`). Nodes outside numbered layers
+    are grouped by their first path component (the patch embedding, projectors, the LM head, ...), and nodes
+    without a path form the group `(top)`. The order follows the graph."""
+    groups: Dict[str, List[str]] = {}
+    for n in model.graph.node:
+        if n.op_type not in OP_TYPES:
+            continue
+        m = _LAYER.match(n.name)
+        if m:
+            key = m.group(1)
+        else:
+            parts = [p for p in n.name.split("/") if p]
+            key = "/" + parts[0] if len(parts) > 1 else "(top)"
+        groups.setdefault(key, []).append(n.name)
+    return groups
 
 
 class ShardReader:

@@ -4,9 +4,10 @@
   run by ORT CPU, or the ONNX reference evaluator where ORT CPU cannot run the dtype (bf16);
 * end to end (precisions whose five graphs ORT CPU runs): cheers_deploy.eval.evaluate on held-out scenes
   (understanding exact match, generation color/shape/position) + image PSNR vs fp32 for the same noise and greedy
-  token-id agreement vs fp32;
-* sweep: one graph at a time in INT8 (others fp32), end-to-end PSNR / id agreement; graphs that fail the thresholds
-  fall back to fp16 (or fp32) in the "mixed" precision written to the manifest.
+  agreement of the greedy answers vs fp32 (token level and whole answers);
+* sweep: one graph at a time in INT8 (others fp32), end-to-end PSNR / answer agreement; graphs that fail the
+  thresholds fall back to fp16 (or fp32) in the "mixed" precision written to the manifest, or, with a per-layer
+  sweep, keep INT8 in the layer groups that pass alone (precision "int8_layers" of that graph).
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..runtime.manifest import Manifest
 from .common import GRAPHS, available_precisions, compare_outputs, graph_file, iter_feeds, psnr, sha256
 from .convert import GraphRun
 
 PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green star in the center",
            "a yellow triangle at the bottom", "a purple cross on the right", "an orange circle at the top")
-PSNR_MIN_DB = 30.0          # sweep thresholds: a graph stays INT8 when quantizing it alone keeps both
-AGREE_MIN = 0.95
+PSNR_MIN_DB = 30.0          # sweep thresholds: a graph (or layer group) stays INT8 when quantizing it alone keeps
+AGREE_MIN = 0.99            # the images above PSNR_MIN_DB and >= AGREE_MIN of the answers identical to fp32
+N_TEXT_SCENES = 60          # fingerprint: every question of 60 held-out scenes (~450 answers)
 
 
 # ------------------------------------------------------------------------------------------------ per graph
@@ -61,33 +64,38 @@ def ort_runs(workdir, precision: str) -> bool:
     return True
 
 
-def fingerprint_outputs(pipe, n_images: int = 3, steps: int = 10, n_text: int = 3) -> dict:
-    """Images for fixed prompts and noise seeds, greedy ids of a few answers: compared across precisions."""
+def fingerprint_outputs(pipe, n_images: int = 3, steps: int = 10, n_text: int = N_TEXT_SCENES) -> dict:
+    """Images for fixed prompts and noise seeds, and the greedy ids of every question of `n_text` held-out
+    scenes (~7.5 questions each): compared across precisions."""
     from ..data import shapes as W
 
     imgs = [pipe.generate(p, steps=steps, cfg_scale=3.0, alpha=1.0, seed=100 + i, max_new_tokens=1).image
             for i, p in enumerate(PROMPTS[:n_images])]
-    ids = []
-    for s in W.make_split("heldout", n_text, seed=7):
-        ids.append(pipe.answer(s.image, s.qa[0][1], max_new_tokens=6).token_ids)
+    ids = [pipe.answer(s.image, q, max_new_tokens=6).token_ids
+           for s in W.make_split("heldout", n_text, seed=7) for _, q, _ in s.qa]
     return {"images": imgs, "ids": ids}
 
 
 def compare_fingerprints(a: dict, ref: dict) -> dict:
+    """image_psnr_db: mean PSNR vs the reference images (capped at 100 dB); id_agreement: mean per-token
+    agreement of the greedy ids; answer_agreement: fraction of answers whose ids equal the reference's."""
     ps = [psnr(x, y) for x, y in zip(a["images"], ref["images"])]
     agree = [float(np.mean([i == j for i, j in zip(x, y)])) if y else 1.0 for x, y in zip(a["ids"], ref["ids"])]
+    same = [list(x) == list(y) for x, y in zip(a["ids"], ref["ids"])]
     ps = [min(p, 100.0) for p in ps]          # identical images: capped at 100 dB (JSON has no infinity)
     return {"image_psnr_db": float(np.mean(ps)) if ps else None,
-            "id_agreement": float(np.mean(agree)) if agree else 1.0}
+            "id_agreement": float(np.mean(agree)) if agree else 1.0,
+            "answer_agreement": float(np.mean(same)) if same else 1.0, "answers": len(same)}
 
 
-def evaluate_precision(workdir, precision: str, eval_n: int, steps: int, ref_fp: Optional[dict]) -> dict:
+def evaluate_precision(workdir, precision: str, eval_n: int, steps: int, ref_fp: Optional[dict],
+                       n_text: int = N_TEXT_SCENES) -> dict:
     from ..eval.evaluate import evaluate
 
     pipe = _pipe(workdir, precision)
     t0 = time.perf_counter()
     res = evaluate(pipe, n=eval_n, n_gen=eval_n, n_two=0, steps=steps)
-    fp = fingerprint_outputs(pipe, steps=steps)
+    fp = fingerprint_outputs(pipe, steps=steps, n_text=n_text)
     u, g = res["understanding"], res["generation"]
     out = {"understanding": {"exact_match": u["exact_match"], "per_type": u["per_type"],
                              "n_questions": u["n_questions"]},
@@ -96,6 +104,7 @@ def evaluate_precision(workdir, precision: str, eval_n: int, steps: int, ref_fp:
     out["generation"]["n"] = g["n_single"]
     out.update(compare_fingerprints(fp, ref_fp) if ref_fp is not None else {"image_psnr_db": None,
                                                                             "id_agreement": 1.0,
+                                                                            "answer_agreement": 1.0,
                                                                             "note": "reference"})
     return out, fp
 
@@ -110,39 +119,107 @@ def _set_variant(man: Manifest, precision: str, choice: Dict[str, str]) -> None:
                 "external_data"), "sha256": sha256(path), "from": p}
 
 
+def _passes(m: dict, psnr_min: float, agree_min: float) -> bool:
+    return m["image_psnr_db"] >= psnr_min and m["answer_agreement"] >= agree_min
+
+
+def _probe(workdir, man: Manifest, choice: Dict[str, str], ref: dict, steps: int, n_text: int) -> dict:
+    """End-to-end fingerprint with `choice` ({graph: precision}) registered as "mixed", compared to `ref`."""
+    _set_variant(man, "mixed", choice)
+    man.save()
+    return compare_fingerprints(fingerprint_outputs(_pipe(workdir, "mixed"), steps=steps, n_text=n_text), ref)
+
+
+def _fmt(m: dict) -> str:
+    return f"PSNR {m['image_psnr_db']:.1f} dB, answers identical {m['answer_agreement']:.3f} ({m['answers']})"
+
+
+def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_min: float, agree_min: float,
+                method: str = "entropy", n_text: int = N_TEXT_SCENES, log=print) -> dict:
+    """Per-layer sensitivity of one graph: each layer group alone in INT8 (the rest of that graph and the other
+    graphs fp32). Groups that fail the thresholds stay in floating point; the others are quantized together into
+    `<graph>.int8_layers.onnx` (precision "int8_layers"), which is checked end to end again."""
+    import onnx
+
+    from .quantize import OP_TYPES, excluded_nodes, layer_groups, quantize_graph
+
+    model = onnx.load(str(man.graph_path(graph)), load_external_data=False)
+    groups = layer_groups(model)
+    always = set(excluded_nodes(model, graph))                   # the hi gate (plugin region)
+    quantizable = {n.name for n in model.graph.node if n.op_type in OP_TYPES} - always
+    per, keep = {}, []
+    probe_file = f"{graph}.int8_probe.onnx"
+    try:
+        for name, nodes in groups.items():
+            nodes = [n for n in nodes if n in quantizable]
+            if not nodes:
+                continue
+            quantize_graph(workdir, graph, method, exclude=sorted(quantizable - set(nodes)), out_name=probe_file,
+                           man=man, register_as="int8_probe")
+            m = _probe(workdir, man, {h: ("int8_probe" if h == graph else "fp32") for h in GRAPHS}, ref, steps, n_text)
+            ok = _passes(m, psnr_min, agree_min)
+            per[name] = dict(m, nodes=len(nodes), keep_int8=ok)
+            keep += nodes if ok else []
+            log(f"sweep: {graph} {name} ({len(nodes)} nodes) alone in int8: {_fmt(m)} -> {'int8' if ok else 'float'}")
+    finally:
+        (man.graph(graph).get("precisions") or {}).pop("int8_probe", None)
+        for f in Path(workdir).glob(probe_file + "*"):
+            f.unlink()
+    if not keep:
+        return {"groups": per, "kept_nodes": 0, "combined": None, "ok": False}
+    info = quantize_graph(workdir, graph, method, exclude=sorted(quantizable - set(keep)),
+                          out_name=f"{graph}.int8_layers.onnx", man=man, register_as="int8_layers")
+    m = _probe(workdir, man, {h: ("int8_layers" if h == graph else "fp32") for h in GRAPHS}, ref, steps, n_text)
+    ok = _passes(m, psnr_min, agree_min)
+    log(f"sweep: {graph} with {len(per) - sum(not v['keep_int8'] for v in per.values())}/{len(per)} groups in int8: "
+        f"{_fmt(m)} -> {'int8_layers' if ok else 'rejected'}")
+    return {"groups": per, "kept_nodes": len(keep), "float_nodes": len(info["excluded_nodes"]), "combined": m,
+            "ok": ok}
+
+
 def sweep(workdir, steps: int = 10, psnr_min: float = PSNR_MIN_DB, agree_min: float = AGREE_MIN,
-          fallback: Optional[str] = None, log=print) -> dict:
-    """Quantize one graph at a time (the others fp32); graphs whose end-to-end PSNR / id agreement vs fp32 stay
-    above the thresholds keep INT8, the others fall back to `fallback` (default fp16 when present, else fp32).
-    Registers the result as precision "mixed". Returns {"per_graph": {...}, "plan": {graph: precision}}."""
+          fallback: Optional[str] = None, per_layer: Optional[Sequence[str]] = None, method: str = "entropy",
+          n_text: int = N_TEXT_SCENES, log=print) -> dict:
+    """Quantize one graph at a time (the others fp32); graphs whose end-to-end PSNR / answer agreement vs fp32
+    stay above the thresholds keep INT8. With `per_layer` ([] = every graph that failed, or named graphs), a
+    failing graph gets a per-layer sweep and keeps INT8 for the layer groups that pass alone (`layer_sweep`).
+    The rest falls back to `fallback` (default fp16 when present and ORT runs it, else fp32).
+    Registers the result as precision "mixed". Returns {"per_graph": {...}, "per_layer": {...}, "plan": {...}}."""
     workdir = Path(workdir)
     man = Manifest.load(workdir)
     have = available_precisions(man)
     if "int8" not in have:
-        raise RuntimeError("sweep needs int8 graphs (cheers-deploy calibrate quantize)")
+        raise InputError("sweep needs int8 graphs (cheers-deploy calibrate quantize)")
+    bad = [g for g in (per_layer or []) if g not in GRAPHS]
+    if bad:
+        raise InputError(f"unknown graph(s) {bad}; choose from {', '.join(GRAPHS)}")
     if fallback is None:
         fallback = "fp16" if "fp16" in have and ort_runs(workdir, "fp16") else "fp32"
-    ref = fingerprint_outputs(_pipe(workdir, "fp32"), steps=steps)
-    per, plan = {}, {}
+    ref = fingerprint_outputs(_pipe(workdir, "fp32"), steps=steps, n_text=n_text)
+    per, plan, layers = {}, {}, {}
     for g in GRAPHS:
-        _set_variant(man, "mixed", {h: ("int8" if h == g else "fp32") for h in GRAPHS})
-        man.save()
-        m = compare_fingerprints(fingerprint_outputs(_pipe(workdir, "mixed"), steps=steps), ref)
-        ok = m["image_psnr_db"] >= psnr_min and m["id_agreement"] >= agree_min
+        m = _probe(workdir, man, {h: ("int8" if h == g else "fp32") for h in GRAPHS}, ref, steps, n_text)
+        ok = _passes(m, psnr_min, agree_min)
         per[g] = dict(m, keep_int8=ok)
         plan[g] = "int8" if ok else fallback
-        log(f"sweep: {g} alone in int8: PSNR {m['image_psnr_db']:.1f} dB, id agreement {m['id_agreement']:.3f}"
-            f" -> {plan[g]}")
+        log(f"sweep: {g} alone in int8: {_fmt(m)} -> {plan[g]}")
+    if per_layer is not None:
+        for g in (list(per_layer) or [g for g in GRAPHS if plan[g] != "int8"]):
+            layers[g] = layer_sweep(workdir, man, g, ref, steps, psnr_min, agree_min, method, n_text, log)
+            if layers[g]["ok"]:
+                plan[g] = "int8_layers"
     _set_variant(man, "mixed", plan)
-    man.data.setdefault("calibration", {})["mixed"] = {"plan": plan, "sweep": per, "psnr_min_db": psnr_min,
-                                                      "id_agreement_min": agree_min, "fallback": fallback}
+    man.data.setdefault("calibration", {})["mixed"] = {
+        "plan": plan, "sweep": per, "per_layer": layers, "psnr_min_db": psnr_min, "answer_agreement_min": agree_min,
+        "fallback": fallback, "fingerprint": f"{len(PROMPTS[:3])} images x {steps} steps, "
+                                             f"{len(ref['ids'])} answers of {n_text} held-out scenes"}
     man.save()
-    return {"per_graph": per, "plan": plan}
+    return {"per_graph": per, "per_layer": layers, "plan": plan}
 
 
 # ------------------------------------------------------------------------------------------------ report
 def report(workdir, eval_n: int = 20, steps: int = 25, limit: int = 4, json_path=None, out_dir=None,
-           precisions: Optional[Sequence[str]] = None, log=print) -> dict:
+           precisions: Optional[Sequence[str]] = None, n_text: int = N_TEXT_SCENES, log=print) -> dict:
     workdir = Path(workdir)
     man = Manifest.load(workdir)
     precs = [p for p in (precisions or available_precisions(man)) if p in available_precisions(man)]
@@ -154,7 +231,7 @@ def report(workdir, eval_n: int = 20, steps: int = 25, limit: int = 4, json_path
         t0 = time.perf_counter()
         entry: dict = {"graphs": graph_errors(workdir, p, limit) if p != "fp32" else {}}
         if ort_runs(workdir, p):
-            e2e, fp = evaluate_precision(workdir, p, eval_n, steps, ref_fp)
+            e2e, fp = evaluate_precision(workdir, p, eval_n, steps, ref_fp, n_text)
             if p == "fp32":
                 ref_fp = fp
             entry.update(e2e)
@@ -167,7 +244,10 @@ def report(workdir, eval_n: int = 20, steps: int = 25, limit: int = 4, json_path
         res["precisions"][p] = entry
         log(f"report: {p} done ({entry['seconds']} s)")
     if "mixed" in res["precisions"]:
-        res["mixed_plan"] = man.data.get("calibration", {}).get("mixed", {}).get("plan")
+        mixed = man.data.get("calibration", {}).get("mixed", {})
+        res["mixed_plan"] = mixed.get("plan")
+        res["mixed_float_layers"] = {g: [k for k, v in r["groups"].items() if not v["keep_int8"]]
+                                     for g, r in (mixed.get("per_layer") or {}).items() if r.get("ok")}
     out_dir = Path(out_dir) if out_dir else workdir / "calib"
     out_dir.mkdir(parents=True, exist_ok=True)
     md = to_markdown(res)
@@ -198,11 +278,11 @@ def to_markdown(res: dict) -> str:
     lines = ["# Precision report", "", f"workdir `{res['workdir']}`; settings {res['settings']}", "",
              "## End to end (held-out shapes world)", "",
              "| precision | understanding EM | gen color | gen shape | gen position | image PSNR vs fp32 (dB) | "
-             "id agreement | validated by |", "|---|---|---|---|---|---|---|---|"]
+             "answers identical to fp32 | validated by |", "|---|---|---|---|---|---|---|---|"]
     for p, e in res["precisions"].items():
         g = e["generation"]
         lines.append(f"| {p} | {_f(e['understanding']['exact_match'])} | {_f(g['color'])} | {_f(g['shape'])} | "
-                     f"{_f(g['position'])} | {_f(e.get('image_psnr_db'), '{:.1f}')} | {_f(e.get('id_agreement'))} | "
+                     f"{_f(g['position'])} | {_f(e.get('image_psnr_db'), '{:.1f}')} | {_f(e.get('answer_agreement'))} | "
                      f"{e['validated_by']} |")
     lines += ["", "## Per-graph error vs fp32 (captured inputs)", "",
               "| precision | graph | cosine (min) | max abs | max rel | run by |", "|---|---|---|---|---|---|"]
@@ -211,6 +291,9 @@ def to_markdown(res: dict) -> str:
             lines.append(f"| {p} | {g} | {r['cosine']:.6f} | {r['max_abs']:.3g} | {r['max_rel']:.3g} | {r['engine']} |")
     if res.get("mixed_plan"):
         lines += ["", f"mixed plan: {res['mixed_plan']}"]
+    if res.get("mixed_float_layers"):
+        lines += ["", "layer groups left in floating point by the per-layer sweep: "
+                  + "; ".join(f"{g}: {', '.join(v)}" for g, v in res["mixed_float_layers"].items())]
     return "\n".join(lines) + "\n"
 
 

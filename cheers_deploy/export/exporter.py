@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -398,6 +399,20 @@ def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[in
     source_hash = hashlib.sha256((ckpt_hash + code_hash()).encode()).hexdigest()
 
     man = Manifest.load_or_empty(out_dir)
+    old_hash = (man.data.get("checkpoint") or {}).get("hash")
+    if old_hash and old_hash != ckpt_hash:
+        # The workdir was exported from another checkpoint (or the same directory retrained): every graph is
+        # re-exported, and nothing derived from the old weights may stay registered.
+        stale = [k for k in ("calibration",) if k in man.data]
+        dropped = [g for g in man.graphs if g not in names]
+        for g in dropped:
+            del man.graphs[g]
+        man.data.pop("calibration", None)
+        print(f"export: {out_dir} held graphs of another checkpoint "
+              f"({(man.data.get('checkpoint') or {}).get('path', '?')}, hash {old_hash[:12]}); re-exporting for "
+              f"{ckpt} (hash {ckpt_hash[:12]}). Precision graphs and calibration data of the old weights are "
+              f"unregistered{' (' + ', '.join(stale + dropped) + ')' if stale or dropped else ''}: "
+              f"run `cheers-deploy calibrate` again.", file=sys.stderr)
     t = cfg.text_config
     any_spec = next(iter(specs.values()))
     man.data.update({
