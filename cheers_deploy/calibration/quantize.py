@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib
 import io
 import re
 import time
@@ -29,9 +30,11 @@ from ..runtime.manifest import Manifest
 from .common import GRAPHS, iter_feeds, register_variant, save_model, variant_file
 
 METHODS = ("entropy", "minmax", "percentile")
+DEFAULT_METHOD = "percentile"                  # measured best per graph on the trained model (docs/precision.md)
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 DEFAULT_EXCLUDE: Dict[str, List[str]] = {}    # measured defaults: see docs/precision.md ("INT8 exclusions")
 MAX_CALLS = 64                                 # captured calls per graph fed to the calibrator
+ENTROPY_BINS = 2048                            # histogram bins of the entropy/percentile calibrators
 
 
 def hi_gate_nodes(model) -> List[str]:
@@ -124,10 +127,25 @@ def _ragged_histograms(q):
         return orig(self, flat)
 
     c.HistogramCollector.collect = collect
+    qq = importlib.import_module("onnxruntime.quantization.quantize")
+    orig_create = qq.create_calibrator
+
+    def create_calibrator(*args, **kwargs):
+        # quantize_static does not pass num_bins through; ORT's default of 128 bins with 128 quantized bins
+        # leaves the entropy search a single candidate (the max), i.e. "entropy" silently equals minmax.
+        # Use TensorRT's classic entropy setting instead: 2048 histogram bins, 128 quantized bins.
+        opts = dict(kwargs.get("extra_options") or {})
+        opts.setdefault("num_bins", ENTROPY_BINS)
+        opts.setdefault("num_quantized_bins", 128)
+        kwargs["extra_options"] = opts
+        return orig_create(*args, **kwargs)
+
+    qq.create_calibrator = create_calibrator
     try:
         yield
     finally:
         c.HistogramCollector.collect = orig
+        qq.create_calibrator = orig_create
 
 
 def _ort_quant():
@@ -139,10 +157,10 @@ def _ort_quant():
     return q
 
 
-def quantize_graph(workdir, graph: str, method: str = "entropy", exclude: Sequence[str] = (),
+def quantize_graph(workdir, graph: str, method: str = DEFAULT_METHOD, exclude: Sequence[str] = (),
                    out_name: Optional[str] = None, exclude_hi_gate: bool = True,
                    exclude_activation_matmul: bool = False, limit: int = MAX_CALLS, man: Optional[Manifest] = None,
-                   register_as: Optional[str] = "int8") -> dict:
+                   register_as: Optional[str] = "int8", quantize_outputs: bool = False) -> dict:
     """Quantize one graph; returns the manifest variant entry (file, excluded nodes, counts)."""
     import onnx
 
@@ -166,7 +184,11 @@ def quantize_graph(workdir, graph: str, method: str = "entropy", exclude: Sequen
         q.quantize_static(str(src), str(tmp), reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES),
                           per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=cal, nodes_to_exclude=excl, use_external_data_format=big,
-                          extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                          extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                         # Q/DQ on the inputs of MatMul/Gemm/Conv only (TensorRT's and ModelOpt's
+                                         # placement): residual adds, gates and softmax read unrounded outputs
+                                         "OpTypesToExcludeOutputQuantization":
+                                             [] if quantize_outputs else list(OP_TYPES)})
     qm = onnx.load(str(tmp))
     ext = save_model(qm, out)
     tmp.unlink()
@@ -176,6 +198,7 @@ def quantize_graph(workdir, graph: str, method: str = "entropy", exclude: Sequen
     info = {"method": method, "calibration_calls": len(reader), "excluded_nodes": excl,
             "qdq_nodes": counts, "seconds": round(time.perf_counter() - t0, 1),
             "tool": f"onnxruntime.quantization {_ort_version()}", "activations": "int8 symmetric per-tensor",
+            "outputs_quantized": bool(quantize_outputs), "histogram_bins": ENTROPY_BINS if method != "minmax" else None,
             "weights": "int8 symmetric per-channel"}
     if register_as:
         return register_variant(man, graph, register_as, out_name, ext, **info)
@@ -188,8 +211,9 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def quantize(workdir, graphs: Optional[Sequence[str]] = None, method: str = "entropy", exclude: Sequence[str] = (),
-             exclude_hi_gate: bool = True, exclude_activation_matmul: bool = False, log=print) -> dict:
+def quantize(workdir, graphs: Optional[Sequence[str]] = None, method: str = DEFAULT_METHOD, exclude: Sequence[str] = (),
+             exclude_hi_gate: bool = True, exclude_activation_matmul: bool = False, quantize_outputs: bool = False,
+             log=print) -> dict:
     """Quantize the graphs (default all five) and save the manifest. Returns {graph: variant entry}."""
     workdir = Path(workdir)
     man = Manifest.load(workdir)
@@ -200,7 +224,8 @@ def quantize(workdir, graphs: Optional[Sequence[str]] = None, method: str = "ent
     out = {}
     for g in graphs:
         v = quantize_graph(workdir, g, method, exclude, exclude_hi_gate=exclude_hi_gate,
-                           exclude_activation_matmul=exclude_activation_matmul, man=man)
+                           exclude_activation_matmul=exclude_activation_matmul, man=man,
+                           quantize_outputs=quantize_outputs)
         log(f"quantize: {g}: {v['file']} ({v['qdq_nodes']['QuantizeLinear']} Q / {v['qdq_nodes']['DequantizeLinear']}"
             f" DQ, {len(v['excluded_nodes'])} excluded, {v['calibration_calls']} calls, {v['seconds']} s)")
         out[g] = v

@@ -135,7 +135,7 @@ def _fmt(m: dict) -> str:
 
 
 def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_min: float, agree_min: float,
-                method: str = "entropy", n_text: int = N_TEXT_SCENES, log=print) -> dict:
+                method: Optional[str] = None, n_text: int = N_TEXT_SCENES, log=print) -> dict:
     """Per-layer sensitivity of one graph: each layer group alone in INT8 (the rest of that graph and the other
     graphs fp32). Groups that fail the thresholds stay in floating point; the others are quantized together into
     `<graph>.int8_layers.onnx` (precision "int8_layers"), which is checked end to end again."""
@@ -144,6 +144,9 @@ def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_
     from .quantize import OP_TYPES, excluded_nodes, layer_groups, quantize_graph
 
     model = onnx.load(str(man.graph_path(graph)), load_external_data=False)
+    int8 = man.graph(graph)["precisions"]["int8"]
+    method = method or int8.get("method") or "percentile"
+    outq = bool(int8.get("outputs_quantized", False))
     groups = layer_groups(model)
     always = set(excluded_nodes(model, graph))                   # the hi gate (plugin region)
     quantizable = {n.name for n in model.graph.node if n.op_type in OP_TYPES} - always
@@ -155,7 +158,7 @@ def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_
             if not nodes:
                 continue
             quantize_graph(workdir, graph, method, exclude=sorted(quantizable - set(nodes)), out_name=probe_file,
-                           man=man, register_as="int8_probe")
+                           man=man, register_as="int8_probe", quantize_outputs=outq)
             m = _probe(workdir, man, {h: ("int8_probe" if h == graph else "fp32") for h in GRAPHS}, ref, steps, n_text)
             ok = _passes(m, psnr_min, agree_min)
             per[name] = dict(m, nodes=len(nodes), keep_int8=ok)
@@ -168,7 +171,8 @@ def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_
     if not keep:
         return {"groups": per, "kept_nodes": 0, "combined": None, "ok": False}
     info = quantize_graph(workdir, graph, method, exclude=sorted(quantizable - set(keep)),
-                          out_name=f"{graph}.int8_layers.onnx", man=man, register_as="int8_layers")
+                          out_name=f"{graph}.int8_layers.onnx", man=man, register_as="int8_layers",
+                          quantize_outputs=outq)
     m = _probe(workdir, man, {h: ("int8_layers" if h == graph else "fp32") for h in GRAPHS}, ref, steps, n_text)
     ok = _passes(m, psnr_min, agree_min)
     log(f"sweep: {graph} with {len(per) - sum(not v['keep_int8'] for v in per.values())}/{len(per)} groups in int8: "
@@ -178,7 +182,7 @@ def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_
 
 
 def sweep(workdir, steps: int = 10, psnr_min: float = PSNR_MIN_DB, agree_min: float = AGREE_MIN,
-          fallback: Optional[str] = None, per_layer: Optional[Sequence[str]] = None, method: str = "entropy",
+          fallback: Optional[str] = None, per_layer: Optional[Sequence[str]] = None, method: Optional[str] = None,
           n_text: int = N_TEXT_SCENES, log=print) -> dict:
     """Quantize one graph at a time (the others fp32); graphs whose end-to-end PSNR / answer agreement vs fp32
     stay above the thresholds keep INT8. With `per_layer` ([] = every graph that failed, or named graphs), a
