@@ -27,6 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser):
                    help="torch backend precision (float32 is the parity reference)")
     p.add_argument("--providers", default=None,
                    help="comma-separated onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    p.add_argument("--precision", default=None, metavar="P",
+                   help="with --workdir: which graphs/engines to run, fp32 (default), fp16, bf16, int8 or mixed "
+                        "(made by cheers-deploy calibrate / build)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the dummy image and sampling")
 
 
@@ -37,7 +40,11 @@ def _load_pipeline(args):
         kw = {}
         if args.providers:
             kw["providers"] = args.providers.split(",")
+        if args.precision and args.precision != "fp32":
+            kw["precision"] = args.precision
         return Pipeline.from_workdir(args.workdir, backend=args.backend or "ort", **kw)
+    if args.precision:
+        raise InputError("--precision selects exported graphs: use it with --workdir (for torch use --dtype)")
     if args.backend not in (None, "torch"):
         raise InputError(f"--backend {args.backend} needs --workdir (export the checkpoint first)")
     return Pipeline.from_pretrained(args.checkpoint, backend="torch", device=args.device, dtype=args.dtype)

@@ -158,3 +158,16 @@ def test_sweep_falls_back_when_nothing_passes(wd, quantized, tmp_path):
     res = rep.sweep(work, psnr_min=0.0, agree_min=1.01, fallback="fp32", steps=2, n_text=1, log=lambda *a: None)
     assert set(res["plan"].values()) == {"fp32"} and res["per_layer"] == {}
     assert Manifest.load(work).data["calibration"]["mixed"]["plan"] == res["plan"]
+
+
+def test_cli_runs_a_precision_variant(wd, quantized, tmp_path, capsys):
+    from cheers_deploy import cli
+
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "--workdir", str(wd), "--precision", "int8", "--prompt", "a red circle",
+                     "--steps", "2", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["ask", "--workdir", str(wd), "--precision", "no-such", "--image", str(out),
+                     "--question", "what?"]) == 2
+    assert "no no-such file" in capsys.readouterr().err
+    assert cli.main(["ask", "--precision", "int8", "--image", str(out), "--question", "what?"]) == 2

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..data import shapes as W
+from ..errors import InputError
 from .detector import score_generation
 
 DEFAULTS = {"n": 100, "steps": 25, "cfg_scale": 3.0, "alpha": 1.0}
@@ -171,6 +172,8 @@ def add_eval_args(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--workdir", default=None, help="exported workdir (cheers-deploy export)")
     p.add_argument("--backend", default=None, help="workdir backend: ort (default) or trt")
     p.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
+    p.add_argument("--precision", default=None, metavar="P",
+                   help="with --workdir: fp32 (default), fp16, bf16, int8 or mixed graphs/engines")
     p.add_argument("--n", type=int, default=DEFAULTS["n"], help="held-out scenes for understanding")
     p.add_argument("--n-gen", type=int, default=None, help="single-object generation prompts (default --n)")
     p.add_argument("--n-two", type=int, default=None, help="two-object prompts (default n-gen/2)")
@@ -187,18 +190,21 @@ def add_eval_args(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu"):
+def load_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu", precision=None):
     from ..runtime.pipeline import Pipeline
 
     if workdir is not None:
-        return Pipeline.from_workdir(workdir, backend=backend or "ort")
+        kw = {"precision": precision} if precision and precision != "fp32" else {}
+        return Pipeline.from_workdir(workdir, backend=backend or "ort", **kw)
+    if precision:
+        raise InputError("--precision selects exported graphs: use it with --workdir")
     from ..defaults import resolve_checkpoint
 
     return Pipeline.from_pretrained(resolve_checkpoint(checkpoint), device=device)
 
 
 def run_eval(args) -> int:
-    pipe = load_pipeline(args.checkpoint, args.workdir, args.backend, args.device)
+    pipe = load_pipeline(args.checkpoint, args.workdir, args.backend, args.device, args.precision)
     keep = 32 if args.samples else 0
     res = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
                    n_gen=args.n_gen, n_two=args.n_two, split=args.split,
