@@ -171,3 +171,15 @@ def test_cli_runs_a_precision_variant(wd, quantized, tmp_path, capsys):
                      "--question", "what?"]) == 2
     assert "no no-such file" in capsys.readouterr().err
     assert cli.main(["ask", "--precision", "int8", "--image", str(out), "--question", "what?"]) == 2
+
+
+def test_requantizing_drops_the_stale_sweep(wd, quantized, tmp_path):
+    work = tmp_path / "wd"
+    shutil.copytree(wd, work, symlinks=True)
+    rep.sweep(work, psnr_min=0.0, agree_min=0.0, steps=1, n_text=1, log=lambda *a: None)
+    assert "mixed" in rep.available_precisions(Manifest.load(work))
+    said = []
+    quant.quantize(work, ["vae_decoder"], "minmax", log=said.append)
+    man = Manifest.load(work)
+    assert "mixed" not in rep.available_precisions(man) and "mixed" not in man.data.get("calibration", {})
+    assert any("dropped mixed" in line for line in said)

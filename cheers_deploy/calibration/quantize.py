@@ -229,5 +229,10 @@ def quantize(workdir, graphs: Optional[Sequence[str]] = None, method: str = DEFA
         log(f"quantize: {g}: {v['file']} ({v['qdq_nodes']['QuantizeLinear']} Q / {v['qdq_nodes']['DequantizeLinear']}"
             f" DQ, {len(v['excluded_nodes'])} excluded, {v['calibration_calls']} calls, {v['seconds']} s)")
         out[g] = v
+        # the sweep's plan and per-layer graphs were measured against the previous int8 graph: drop them
+        stale = [p for p in ("mixed", "int8_layers") if man.graph(g).get("precisions", {}).pop(p, None)]
+        if stale:
+            man.data.get("calibration", {}).pop("mixed", None)
+            log(f"quantize: {g}: dropped {', '.join(stale)} (made from the previous int8 graph; run sweep again)")
         man.save()
     return out

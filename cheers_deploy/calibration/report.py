@@ -141,11 +141,11 @@ def layer_sweep(workdir, man: Manifest, graph: str, ref: dict, steps: int, psnr_
     `<graph>.int8_layers.onnx` (precision "int8_layers"), which is checked end to end again."""
     import onnx
 
-    from .quantize import OP_TYPES, excluded_nodes, layer_groups, quantize_graph
+    from .quantize import DEFAULT_METHOD, OP_TYPES, excluded_nodes, layer_groups, quantize_graph
 
     model = onnx.load(str(man.graph_path(graph)), load_external_data=False)
     int8 = man.graph(graph)["precisions"]["int8"]
-    method = method or int8.get("method") or "percentile"
+    method = method or int8.get("method") or DEFAULT_METHOD
     outq = bool(int8.get("outputs_quantized", False))
     groups = layer_groups(model)
     always = set(excluded_nodes(model, graph))                   # the hi gate (plugin region)
