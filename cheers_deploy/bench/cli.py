@@ -107,18 +107,12 @@ def run_bench(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..errors import CheersError
+    """Standalone entry point: the same as `cheers-deploy bench ...` (one-line errors, --debug)."""
+    import sys
 
-    p = argparse.ArgumentParser(prog="python -m cheers_deploy.bench.cli", description=__doc__.splitlines()[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run_bench(args)
-    except CheersError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    from ..cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

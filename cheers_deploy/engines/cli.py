@@ -46,19 +46,9 @@ def add_build_args(sub) -> None:
 
 
 def main(argv=None) -> int:
+    """Standalone entry point: the same as `cheers-deploy build ...` (one-line errors, --debug)."""
     import sys
 
-    from ..errors import CheersError
+    from ..cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="build_engines.py", description="Build TensorRT engines for a Cheers workdir.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    _add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except CheersError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])

@@ -47,16 +47,9 @@ def add_export_args(sub) -> None:
 
 
 def main(argv=None) -> int:
+    """Standalone entry point: the same as `cheers-deploy export ...` (one-line errors, --debug)."""
     import sys
 
-    from ..errors import CheersError
+    from ..cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="export.py", description="Export a Cheers checkpoint to ONNX graphs.")
-    _add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except CheersError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])

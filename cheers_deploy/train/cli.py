@@ -110,12 +110,12 @@ def run_train(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry point: python -m cheers_deploy.train.cli ..."""
-    parser = argparse.ArgumentParser(prog="cheers-deploy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_args(sub)
-    args = parser.parse_args(["train"] + list(argv) if argv is not None else None)
-    return args.func(args)
+    """Standalone entry point: the same as `cheers-deploy train ...` (one-line errors, --debug)."""
+    import sys
+
+    from ..cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
