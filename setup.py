@@ -1,6 +1,11 @@
 from pathlib import Path
 
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'^VERSION = "([^"]+)"', Path(__file__).with_name("cheers_deploy").joinpath("constants.py")
+                    .read_text(), re.M).group(1)
 
 BASE = [
     "numpy>=1.24",
@@ -15,7 +20,7 @@ BASE = [
 
 setup(
     name="cheers-deploy",
-    version="0.1.0",
+    version=VERSION,
     description="Export, quantize, build and run the Cheers unified multimodal model (ONNX Runtime, TensorRT)",
     long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",

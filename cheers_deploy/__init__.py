@@ -4,7 +4,7 @@ The base install (numpy, onnxruntime, tokenizers, safetensors, Pillow, OpenCV) r
 without PyTorch; the reference model, export and training need ``cheers-deploy[torch]``.
 """
 
-__version__ = "0.1.0"
+from .constants import VERSION as __version__
 
 
 def __getattr__(name):  # lazy: importing the package must not import torch

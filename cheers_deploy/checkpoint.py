@@ -5,13 +5,13 @@ so loading needs about 1x the model size in RAM. safetensors only; nothing is ev
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from .config import CheersConfig
 from .errors import CheckpointError
+from .fileio import atomic_path, write_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -148,15 +148,13 @@ def save_state(model, out_dir: Path, max_shard_bytes: Optional[int] = None) -> N
         for k, v in shard.items():
             weight_map[k] = name
             total += v.numel() * v.element_size()
-    (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     (out_dir / SINGLE).unlink(missing_ok=True)
 
 
 def _atomic_save(save_file, tensors, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; checkpoints are meant to be shared
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 FULL_HASH_BYTES = 512 * 2 ** 20      # weight files up to this size are hashed whole

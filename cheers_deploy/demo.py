@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .defaults import bundled_checkpoint
+from .hub import bundled_checkpoint
 
 
 def _checkpoint(workdir: Path) -> tuple[Path, bool]:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     export_all(ckpt, graphs)
     pipe = Pipeline.from_workdir(graphs, backend="ort")
 
-    from .cli import write_png
+    from .cli.common import write_png
 
     res = pipe.generate(args.prompt, steps=args.steps, cfg_scale=3.0, alpha=1.0, seed=0)
     out = workdir / "demo_generate.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import shutil
 import subprocess
@@ -53,4 +54,43 @@ def report() -> str:
         lines.append("nvidia-smi    not found (no NVIDIA driver)")
     nvcc = shutil.which("nvcc")
     lines.append(f"nvcc          {nvcc or 'not found'}")
+    lines.append(f"cpu threads   {_threads()}")
+    lines.append(f"bundled model {_bundled()}")
+    lines.append(f"hf hub        {_hub()}")
     return "\n".join(lines)
+
+
+def _threads() -> str:
+    try:
+        from .runtime.threads import physical_cores
+
+        n = physical_cores()
+    except Exception as exc:  # noqa: BLE001 - a probe must never fail
+        return f"unknown ({exc.__class__.__name__})"
+    return f"{n} by default (physical cores available to this process; --threads N to change), " \
+           f"{os.cpu_count()} logical CPUs on the machine"
+
+
+def _bundled() -> str:
+    try:
+        from .hub import BUNDLED, bundled_workdir
+
+        ckpt = "checkpoint present" if (BUNDLED / "config.json").is_file() else "checkpoint MISSING"
+        graphs = bundled_workdir()
+        return f"{ckpt}; exported graphs {'shipped (runs on onnxruntime, torch-free)' if graphs else 'not shipped'}"
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc.__class__.__name__})"
+
+
+def _hub() -> str:
+    hv = _version("huggingface_hub")
+    if not hv:
+        return "huggingface_hub not installed (needed for --checkpoint OWNER/NAME)"
+    try:
+        from huggingface_hub import constants
+
+        cache = constants.HF_HUB_CACHE
+    except Exception:  # noqa: BLE001
+        cache = "?"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return f"huggingface_hub {hv}, cache {cache}{', HF_HUB_OFFLINE set (cache only)' if offline else ''}"

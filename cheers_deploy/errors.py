@@ -18,7 +18,16 @@ class MissingDependencyError(CheersError):
 
 
 def require_torch():
-    """Import torch or raise the install hint (the base install runs without it)."""
+    """Import torch or raise the install hint (the base install runs without it).
+
+    Before torch's first import, OpenMP worker threads are told to sleep rather than spin while they wait
+    (OMP_WAIT_POLICY=PASSIVE, unless the user set it): on a machine where other programs run, spinning threads
+    made one image 9x slower (docs/performance.md, "Threads"). It has no effect once torch is loaded."""
+    import os
+    import sys
+
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch  # noqa: F401
     except ImportError as exc:  # pragma: no cover - exercised in the no-torch test

@@ -1,8 +1,8 @@
 """Helpers for the test suite (and for anyone who needs a throw-away checkpoint): random checkpoints in the
-official layout, the location of the shared official reference set.
+official layout, the location of the in-repo official reference set.
 
 `write_random_checkpoint` follows the weight recipe of the official-tiny reference set
-(`shared/reference/official-tiny/README.md`, "The recipe"): every parameter and buffer gets seeded random
+(`tests/data/official-tiny/README.md`, "The recipe"): every parameter and buffer gets seeded random
 values, the official zero-initialised layers (AdaLN modulation, hi-gate output) are non-zero so that every
 path affects the outputs, BatchNorm statistics are realistic, the text q/k projections get a x3 gain and the
 final velocity layer a 0.05 gain. Needs torch (the model is built with `CheersModel`).
@@ -27,9 +27,9 @@ OFFICIAL_VOCAB_SIZE = 151936        # the Qwen2 table + the five Cheers tokens f
 
 
 def reference_dir() -> Path:
-    """Where the shared official-tiny reference set lives: `<repo>/../shared/reference/official-tiny`.
-    (CI clones the repository with `shared/` beside it; the folder may be absent elsewhere.)"""
-    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-tiny"
+    """Where the official-tiny reference set lives: `<repo>/tests/data/official-tiny`, inside the repository
+    (present in every clone; absent only from a non-editable install, which ships the package without tests/)."""
+    return Path(__file__).resolve().parents[1] / "tests" / "data" / "official-tiny"
 
 
 def tiny_config(vocab_size: int = OFFICIAL_VOCAB_SIZE) -> CheersConfig:

@@ -5,7 +5,7 @@
 """
 import sys
 
-from cheers_deploy.export.cli import main
+from cheers_deploy.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-tiny"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "official-tiny"
 TINY_SEED = 1234
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE_DIR / "reference.npz").is_file():
-        pytest.skip(f"official reference set not found at {REFERENCE_DIR}")
+        pytest.skip(f"official-tiny reference set missing from the repository (expected at {REFERENCE_DIR})")
     return REFERENCE_DIR
 
 

@@ -13,14 +13,14 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_export import export_tiny  # noqa: E402
+from helpers import export_tiny  # noqa: E402  (tests/ is on sys.path)
 
-from cheers_deploy.calibration import capture as cap  # noqa: E402
-from cheers_deploy.calibration import convert as conv  # noqa: E402
-from cheers_deploy.calibration import quantize as quant  # noqa: E402
-from cheers_deploy.calibration import report as rep  # noqa: E402
-from cheers_deploy.calibration.common import GRAPHS  # noqa: E402
-from cheers_deploy.runtime.manifest import Manifest  # noqa: E402
+from cheers_deploy.precision import capture as cap  # noqa: E402
+from cheers_deploy.precision import convert as conv  # noqa: E402
+from cheers_deploy.precision import quantize as quant  # noqa: E402
+from cheers_deploy.precision import report as rep  # noqa: E402
+from cheers_deploy.precision.common import GRAPHS  # noqa: E402
+from cheers_deploy.manifest import Manifest  # noqa: E402
 from cheers_deploy.runtime.pipeline import Pipeline  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def quantized(wd, captured):
 def test_int8_graphs_are_symmetric_qdq_per_channel(wd, quantized):
     man = Manifest.load(wd)
     for g in GRAPHS:
-        v = man.graph(g)["precisions"]["int8"]
+        v = man.graph(g).precisions["int8"].to_dict()
         assert v["file"] == f"{g}.int8.onnx" and (wd / v["file"]).is_file() and v["sha256"]
         m = onnx.load(str(wd / v["file"]))
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -75,7 +75,7 @@ def test_int8_graphs_are_symmetric_qdq_per_channel(wd, quantized):
             assert any(a.name == "axis" for a in n.attribute), (g, n.name)
             assert not inits[n.input[2]].any()
     # the hi gate stays fp32 (exact TensorRT plugin fusion)
-    excl = man.graph("cfm_head")["precisions"]["int8"]["excluded_nodes"]
+    excl = man.graph("cfm_head").precisions["int8"].extra["excluded_nodes"]
     assert any("hi_gate" in n for n in excl)
 
 
@@ -93,9 +93,9 @@ def test_fp16_keeps_io_fp32_and_small_error(wd, captured):
     conv.convert(wd, "fp16", log=lambda *a: None)
     man = Manifest.load(wd)
     for g in GRAPHS:
-        m = onnx.load(str(wd / man.graph(g)["precisions"]["fp16"]["file"]), load_external_data=False)
+        m = onnx.load(str(wd / man.graph(g).precisions["fp16"].file), load_external_data=False)
         types = {vi.name: vi.type.tensor_type.elem_type for vi in list(m.graph.input) + list(m.graph.output)}
-        want = {t["name"]: t["dtype"] for t in man.graph(g)["inputs"] + man.graph(g)["outputs"]}
+        want = {t.name: t.dtype for t in man.graph(g).inputs + man.graph(g).outputs}
         for name, dt in want.items():
             if dt == "float32":
                 assert types[name] == onnx.TensorProto.FLOAT, (g, name)
@@ -143,11 +143,11 @@ def test_sweep_per_graph_and_per_layer(wd, quantized, tmp_path):
     layer = res["per_layer"]["cfm_head"]
     assert layer["ok"] and len(layer["groups"]) >= 2 and all(v["keep_int8"] for v in layer["groups"].values())
     man = Manifest.load(work)
-    v = man.graph("cfm_head")["precisions"]["int8_layers"]
+    v = man.graph("cfm_head").precisions["int8_layers"].to_dict()
     assert (work / v["file"]).is_file() and not list(work.glob("*int8_probe*"))
     model = onnx.load(str(work / "cfm_head.onnx"), load_external_data=False)
     assert set(quant.hi_gate_nodes(model)) <= set(v["excluded_nodes"])     # plugin region stays float
-    assert man.graph("cfm_head")["precisions"]["mixed"]["from"] == "int8_layers"
+    assert man.graph("cfm_head").precisions["mixed"].extra["from"] == "int8_layers"
     out = Pipeline.from_workdir(work, precision="mixed").generate("a red circle", steps=2, seed=1, max_new_tokens=1)
     assert out.image.dtype == np.uint8
 
@@ -157,7 +157,7 @@ def test_sweep_falls_back_when_nothing_passes(wd, quantized, tmp_path):
     shutil.copytree(wd, work, symlinks=True)
     res = rep.sweep(work, psnr_min=0.0, agree_min=1.01, fallback="fp32", steps=2, n_text=1, log=lambda *a: None)
     assert set(res["plan"].values()) == {"fp32"} and res["per_layer"] == {}
-    assert Manifest.load(work).data["calibration"]["mixed"]["plan"] == res["plan"]
+    assert Manifest.load(work).calibration["mixed"]["plan"] == res["plan"]
 
 
 def test_cli_runs_a_precision_variant(wd, quantized, tmp_path, capsys):
@@ -181,5 +181,5 @@ def test_requantizing_drops_the_stale_sweep(wd, quantized, tmp_path):
     said = []
     quant.quantize(work, ["vae_decoder"], "minmax", log=said.append)
     man = Manifest.load(work)
-    assert "mixed" not in rep.available_precisions(man) and "mixed" not in man.data.get("calibration", {})
+    assert "mixed" not in rep.available_precisions(man) and "mixed" not in man.calibration
     assert any("dropped mixed" in line for line in said)

@@ -1,196 +1,21 @@
-"""cheers_deploy.runtime.device_memory: buffers, arrays, KV cache writes by position, arena, stream capture.
+"""cheers_deploy.trt.device_memory: buffers, arrays, KV cache writes by position, arena, stream capture.
 
 Two layers of tests:
 * `gpu` tests run the module on a real CUDA device through cuda-python (skipped here: "needs a CUDA GPU and
   cuda-python");
 * the same logic also runs on `FakeCudart`, a host-memory stand-in with cuda-python's function signatures
   (cudaMalloc returns real host addresses, copies are memmove, stream capture records and replays), so pitch
-  and offset arithmetic is checked on every machine. tests/test_trt.py reuses FakeCudart.
+  and offset arithmetic is checked on every machine. FakeCudart lives in tests/fakes/cuda.py (test_trt.py uses it too).
 """
-import ctypes
-import enum
-import itertools
-
 import numpy as np
 import pytest
 
-from cheers_deploy.engines import compat
-from cheers_deploy.runtime import device_memory as dm
+from cheers_deploy.trt import compat
+from cheers_deploy.trt import device_memory as dm
+from fakes.cuda import FakeCudart  # (tests/ is on sys.path)
 
 GPU = compat.cuda_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cuda-python")
-
-
-# ------------------------------------------------------------------------------------------------------ fake runtime
-class _Kind(enum.IntEnum):
-    cudaMemcpyHostToHost = 0
-    cudaMemcpyHostToDevice = 1
-    cudaMemcpyDeviceToHost = 2
-    cudaMemcpyDeviceToDevice = 3
-    cudaMemcpyDefault = 4
-
-
-class _Mode(enum.IntEnum):
-    cudaStreamCaptureModeGlobal = 0
-    cudaStreamCaptureModeThreadLocal = 1
-    cudaStreamCaptureModeRelaxed = 2
-
-
-class _Stream:
-    _ids = itertools.count(1)
-
-    def __init__(self):
-        self.id = next(self._ids)
-
-    def __int__(self):
-        return self.id
-
-
-class _Props:
-    def __init__(self, name, major, minor, mem):
-        self.name, self.major, self.minor, self.totalGlobalMem, self.integrated = name, major, minor, mem, 1
-
-
-class FakeCudart:
-    """cuda-python's cudart subset on host memory. Work enqueued on a capturing stream is recorded and replayed
-    by cudaGraphLaunch; `enqueue(stream, fn)` lets fake engines join that protocol."""
-
-    cudaMemcpyKind = _Kind
-    cudaStreamCaptureMode = _Mode
-    cudaStreamNonBlocking = 1
-
-    def __init__(self, name=b"Fake Orin", cc=(8, 7)):
-        self.mem = {}                 # address -> numpy backing array (device allocations)
-        self.host = {}                # pinned host allocations
-        self.capturing = {}           # stream id -> list of recorded ops
-        self.name, self.cc = name, cc
-        self.calls = {"malloc": 0, "memcpy2d": 0, "graph_launch": 0, "instantiate": 0}
-
-    # -- helpers
-    def enqueue(self, stream, fn):
-        sid = int(stream) if stream is not None else 0
-        if sid in self.capturing:
-            self.capturing[sid].append(fn)
-        else:
-            fn()
-        return 0
-
-    def _alloc(self, table, n):
-        buf = np.zeros(max(int(n), 1), np.uint8)
-        addr = buf.ctypes.data
-        table[addr] = buf
-        return addr
-
-    def _check_dev(self, ptr, n):
-        for base, buf in self.mem.items():
-            if base <= ptr and ptr + n <= base + buf.size:
-                return
-        raise AssertionError(f"device access 0x{ptr:x}+{n} outside every allocation")
-
-    # -- device
-    def cudaGetDeviceCount(self):
-        return 0, 1
-
-    def cudaSetDevice(self, d):
-        return (0,)
-
-    def cudaGetDeviceProperties(self, d):
-        return 0, _Props(self.name, *self.cc, 8 << 30)
-
-    def cudaDriverGetVersion(self):
-        return 0, 12060
-
-    def cudaRuntimeGetVersion(self):
-        return 0, 12060
-
-    def cudaMemGetInfo(self):
-        return 0, 4 << 30, 8 << 30
-
-    # -- memory
-    def cudaMalloc(self, n):
-        self.calls["malloc"] += 1
-        return 0, self._alloc(self.mem, n)
-
-    def cudaFree(self, p):
-        self.mem.pop(int(p), None)
-        return (0,)
-
-    def cudaMallocHost(self, n):
-        return 0, self._alloc(self.host, n)
-
-    def cudaFreeHost(self, p):
-        self.host.pop(int(p), None)
-        return (0,)
-
-    def _copy(self, dst, src, n, kind):
-        if kind in (_Kind.cudaMemcpyHostToDevice, _Kind.cudaMemcpyDeviceToDevice):
-            self._check_dev(dst, n)
-        if kind in (_Kind.cudaMemcpyDeviceToHost, _Kind.cudaMemcpyDeviceToDevice):
-            self._check_dev(src, n)
-        ctypes.memmove(dst, src, n)
-
-    def cudaMemcpy(self, dst, src, n, kind):
-        self._copy(int(dst), int(src), int(n), kind)
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        if kind == _Kind.cudaMemcpyHostToDevice and int(stream) not in self.capturing:
-            data = ctypes.string_at(int(src), int(n))          # pageable source: staged at call time
-            return self.enqueue(stream, lambda: self._copy_bytes(int(dst), data)),
-        return self.enqueue(stream, lambda: self._copy(int(dst), int(src), int(n), kind)),
-
-    def _copy_bytes(self, dst, data):
-        self._check_dev(dst, len(data))
-        ctypes.memmove(dst, data, len(data))
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        assert width <= dpitch and width <= spitch
-        self.calls["memcpy2d"] += 1
-
-        def run():
-            for r in range(int(height)):
-                self._copy(int(dst) + r * int(dpitch), int(src) + r * int(spitch), int(width), kind)
-        return self.enqueue(stream, run),
-
-    def cudaMemsetAsync(self, ptr, value, n, stream):
-        def run():
-            self._check_dev(int(ptr), int(n))
-            ctypes.memset(int(ptr), int(value), int(n))
-        return self.enqueue(stream, run),
-
-    # -- streams and graphs
-    def cudaStreamCreateWithFlags(self, flags):
-        return 0, _Stream()
-
-    def cudaStreamSynchronize(self, s):
-        return (0,)
-
-    def cudaStreamDestroy(self, s):
-        return (0,)
-
-    def cudaStreamBeginCapture(self, s, mode):
-        assert int(s) not in self.capturing, "nested capture"
-        self.capturing[int(s)] = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, s):
-        return 0, list(self.capturing.pop(int(s)))
-
-    def cudaGraphInstantiate(self, graph, flags):
-        self.calls["instantiate"] += 1
-        return 0, ("exec", graph)
-
-    def cudaGraphLaunch(self, exe, stream):
-        self.calls["graph_launch"] += 1
-        for fn in exe[1]:
-            self.enqueue(stream, fn)
-        return (0,)
-
-    def cudaGraphExecDestroy(self, e):
-        return (0,)
-
-    def cudaGraphDestroy(self, g):
-        return (0,)
 
 
 @pytest.fixture

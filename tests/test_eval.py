@@ -9,11 +9,11 @@ torch = pytest.importorskip("torch")
 
 from cheers_deploy.checkpoint import save_state  # noqa: E402
 from cheers_deploy.data import shapes as W  # noqa: E402
-from cheers_deploy.eval.evaluate import (add_eval_args, evaluate, format_table, load_pipeline,  # noqa: E402
-                                         normalize_answer)
+from cheers_deploy.cli.eval import add_eval_args, load_pipeline  # noqa: E402
+from cheers_deploy.eval.evaluate import evaluate, format_table, normalize_answer  # noqa: E402
 from cheers_deploy.world_tokenizer import train_world_tokenizer  # noqa: E402
 
-from test_train import tiny_test_config  # noqa: E402
+from helpers import tiny_test_config  # noqa: E402  (tests/ is on sys.path)
 
 U_KEYS = {"exact_match", "per_type"}
 G_KEYS = {"color", "shape", "position", "size", "single_object", "two_object", "two_object_position", "counting",

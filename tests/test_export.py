@@ -19,18 +19,14 @@ onnx = pytest.importorskip("onnx")
 
 from cheers_deploy.checkpoint import checkpoint_hash  # noqa: E402
 from cheers_deploy.export import exporter  # noqa: E402
-from cheers_deploy.export.specs import GRAPH_NAMES, graph_specs  # noqa: E402
-from cheers_deploy.runtime.manifest import Manifest, check_io  # noqa: E402
+from cheers_deploy.constants import GRAPH_NAMES  # noqa: E402
+from cheers_deploy.export.specs import graph_specs  # noqa: E402
+from cheers_deploy.manifest import GraphEntry, Manifest, check_io  # noqa: E402
 from cheers_deploy.errors import CheckpointError  # noqa: E402
 
+from helpers import export_tiny  # noqa: E402  (tests/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def export_tiny(ckpt: Path, base: Path) -> Path:
-    """The session's export of the tiny checkpoint (idempotent: later calls only re-read the manifest)."""
-    out = base / "tiny-workdir"
-    exporter.export_all(ckpt, out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -88,22 +84,26 @@ def test_specs_reject_bad_sizes(tiny_config):
 
 def test_manifest_contents(tiny_workdir, tiny_ckpt, tiny_config):
     man = Manifest.load(tiny_workdir)
-    d = man.data
-    assert d["precision"] == "fp32" and d["opset"] == 18
-    assert d["checkpoint"]["hash"] == checkpoint_hash(tiny_ckpt)
-    assert d["config"]["text_config"]["vocab_size"] == tiny_config.text_config.vocab_size
+    d = json.loads((tiny_workdir / "manifest.json").read_text())      # the file stays plain JSON
+    assert d["precision"] == "fp32" and d["opset"] == 18 and man.opset == 18
+    assert man.checkpoint["hash"] == checkpoint_hash(tiny_ckpt)
+    assert man.config["text_config"]["vocab_size"] == tiny_config.text_config.vocab_size
     assert d["image"] == {"resolution": 64, "patch_size": 16, "latent_grid": 4, "latent_channels": 128,
                           "tokens_per_image": 4}
-    assert d["special_tokens"]["img_start"] == 151667 and d["special_tokens"]["chat_end"] == 151645
-    assert d["cache"]["layout"] == "static-buffer/new-entries"
-    assert d["cache"]["past_key"].format(i=1) == "past_key_values.1.key"
-    assert {"torch", "onnx", "onnxruntime", "cheers_deploy"} <= set(d["exporter"])
+    assert man.image.tokens_per_image == 4 and man.image.latent_grid == 4
+    assert man.special_tokens["img_start"] == 151667 and man.special_tokens["chat_end"] == 151645
+    assert man.cache.layout == "static-buffer/new-entries"
+    assert man.cache.names("past_key")[1] == "past_key_values.1.key"
+    assert {"torch", "onnx", "onnxruntime", "cheers_deploy"} <= set(man.exporter)
+    # generation defaults: the random tiny checkpoint has no generation_config.json -> the official ones
+    assert (man.generation.steps, man.generation.cfg_scale, man.generation.alpha) == (80, 9.5, 0.5)
     assert set(man.graphs) == set(GRAPH_NAMES)
     for name, g in man.graphs.items():
-        assert (tiny_workdir / g["file"]).is_file(), name
-        assert g["verify_max_rel_err"] < 1e-4, name
-        assert g["external_data"] is None                  # tiny graphs stay single files
-    table = np.load(tiny_workdir / d["embed_tokens"]["file"])
+        assert (tiny_workdir / g.file).is_file(), name
+        assert g.extra["verify_max_rel_err"] < 1e-4, name
+        assert g.external_data is None                     # tiny graphs stay single files
+    assert Manifest.from_dict(man.to_dict()).to_dict() == man.to_dict()      # round trip keeps everything
+    table = np.load(tiny_workdir / man.embed_file)
     assert table.shape == (tiny_config.text_config.vocab_size, tiny_config.text_config.hidden_size)
     for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         assert (tiny_workdir / f).is_file()
@@ -111,8 +111,10 @@ def test_manifest_contents(tiny_workdir, tiny_ckpt, tiny_config):
 
 
 def test_check_io_names_the_graph_and_tensor():
-    entry = {"inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 128, 4, 4]}],
-             "outputs": [{"name": "pixels", "dtype": "float32", "shape": ["batch", 3, 64, 64]}]}
+    entry = GraphEntry.from_dict("vae_decoder", {
+        "file": "vae_decoder.onnx",
+        "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 128, 4, 4]}],
+        "outputs": [{"name": "pixels", "dtype": "float32", "shape": ["batch", 3, 64, 64]}]}, "test")
     ok_in, ok_out = [("latent", "float32", ["b", 128, 4, 4])], [("pixels", "float32", ["b", 3, 64, 64])]
     check_io("vae_decoder", entry, ok_in, ok_out)
     cases = [([("z", "float32", ["b", 128, 4, 4])], ok_out, "latent"),
@@ -148,7 +150,7 @@ def test_graph_matches_torch(name, tiny_workdir, torch_model, tiny_config):
     """Every output of every graph equals the reference module's within 1e-4 of the output's scale."""
     man = Manifest.load(tiny_workdir)
     spec = graph_specs(tiny_config, 64, 2, man.max_context)[name]
-    sess = _session(tiny_workdir / man.graph(name)["file"])
+    sess = _session(tiny_workdir / man.graph(name).file)
     assert [i.name for i in sess.get_inputs()] == spec.input_names
     assert [o.name for o in sess.get_outputs()] == spec.output_names
     m = torch_model
@@ -192,9 +194,9 @@ def test_external_data_path(tiny_ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 100_000)
     man = exporter.export_all(tiny_ckpt, tmp_path, graphs=["cfm_head"], progress=False)
     g = man.graph("cfm_head")
-    assert g["external_data"] == "cfm_head.onnx.data" and (tmp_path / g["external_data"]).is_file()
-    assert (tmp_path / "cfm_head.onnx").stat().st_size < 1_000_000 < (tmp_path / g["external_data"]).stat().st_size
-    assert g["verify_max_rel_err"] < 1e-4
+    assert g.external_data == "cfm_head.onnx.data" and (tmp_path / g.external_data).is_file()
+    assert (tmp_path / "cfm_head.onnx").stat().st_size < 1_000_000 < (tmp_path / g.external_data).stat().st_size
+    assert g.extra["verify_max_rel_err"] < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir() if "cfm" in p.name) == ["cfm_head.onnx", "cfm_head.onnx.data"]
 
 
@@ -213,7 +215,7 @@ def test_export_is_idempotent(tiny_workdir, tiny_ckpt, tmp_path):
     # the context length only changes build profiles and the manifest: no re-export
     man = exporter.export_all(tiny_ckpt, wd, progress=False, max_context=512)
     assert _mtimes(wd) == before and man.max_context == 512
-    assert man.graph("backbone")["profiles"]["decode"]["past_key_values.0.key"][2][2] == 512
+    assert man.graph("backbone").profiles["decode"]["past_key_values.0.key"][2][2] == 512
     # --force re-exports what it is asked to
     exporter.export_all(tiny_ckpt, wd, progress=False, graphs=["cfm_head"], force=True)
     after = _mtimes(wd)
@@ -227,7 +229,7 @@ def test_export_is_idempotent(tiny_workdir, tiny_ckpt, tmp_path):
     forced = _mtimes(wd)["cfm_head.onnx"]
     exporter.export_all(tiny_ckpt, wd, progress=False, graphs=["cfm_head"])
     assert _mtimes(wd)["cfm_head.onnx"] != forced
-    assert Manifest.load(wd).graph("cfm_head")["source_hash"] != "stale"
+    assert Manifest.load(wd).graph("cfm_head").source_hash != "stale"
 
 
 def test_retrained_checkpoint_is_not_up_to_date(tiny_workdir, tiny_ckpt, tmp_path, capsys):
@@ -258,8 +260,8 @@ def test_retrained_checkpoint_is_not_up_to_date(tiny_workdir, tiny_ckpt, tmp_pat
     assert "another checkpoint" in capsys.readouterr().err
     man = Manifest.load(wd)
     assert _mtimes(wd)["cfm_head.onnx"] != before["cfm_head.onnx"]
-    assert "calibration" not in man.data and set(man.graphs) == {"cfm_head"}
-    assert man.data["checkpoint"]["hash"] == checkpoint_hash(ck)
+    assert not man.calibration and set(man.graphs) == {"cfm_head"}
+    assert man.checkpoint["hash"] == checkpoint_hash(ck)
 
 
 def test_export_script(tiny_workdir, tiny_ckpt, tmp_path):

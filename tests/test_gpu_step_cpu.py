@@ -55,17 +55,25 @@ def test_eager_variants_give_the_naive_latent(bench):
     assert not bad, f"variants differ from the naive loop: {bad} (|ref| max {float(ref.abs().max()):.3g})"
 
 
-def test_switches_restore_the_package_functions(bench):
+OFFICIAL = {"attn_impl": "sdpa", "rope_cache": False, "fused_gate": False}
+
+
+def test_switches_set_the_model_options(bench):
+    """The switches go through CheersModel.set_options (no package function is replaced) and reset restores
+    the official configuration the benchmark starts from."""
     from cheers_deploy.model import heads, layers, qwen2
+    funcs = {m: dict(vars(m)) for m in (heads, layers, qwen2)}
     o = bench.opts
+    assert bench.model.options() == OFFICIAL
     v0 = o.version
     o.set_gqa(True)
     o.set_device_rope(True)
-    assert qwen2.attention is not layers.attention and heads.rope_inv_freq is not layers.rope_inv_freq
+    o.set_fused_gate(True)
+    assert bench.model.options() == {"attn_impl": "sdpa_gqa", "rope_cache": True, "fused_gate": True}
     o.reset()
-    assert qwen2.attention is layers.attention and heads.attention is layers.attention
-    assert qwen2.rope_inv_freq is layers.rope_inv_freq and heads.rope_inv_freq is layers.rope_inv_freq
+    assert bench.model.options() == OFFICIAL
     assert o.version > v0                      # every switch invalidates captured graphs
+    assert all(dict(vars(m)) == before for m, before in funcs.items())
 
 
 def test_batched_runner_is_the_pipeline_loop(bench):
@@ -165,8 +173,8 @@ def test_cli_runs_on_cpu_and_writes_the_report(tmp_path):
     assert d["floor"]["step_floor_ms"] > 0 and d["params"]["total_unique"] == 29_052_519
     assert "| naive | ok |" in d["markdown"]
     assert out.with_suffix(".png").is_file() or d["plot"].startswith("no plot")
-    from cheers_deploy.model import heads, layers, qwen2   # the run switched its patches back off
-    assert qwen2.attention is layers.attention and heads.rope_inv_freq is layers.rope_inv_freq
+    off = {"gqa": False, "cudnn_benchmark": False, "channels_last": False, "device_rope": False, "fused_gate": False}
+    assert v["naive"]["opts"] == off                   # the baseline runs the official configuration
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -45,9 +45,9 @@ def test_kv_cached_decoding_equals_full_recomputation(backend):
     full, full_kv = model.backbone(x, torch.arange(s)[None].expand(b, s), causal)
 
     cache = backend.new_cache(b, s + 3)
-    outs = [backend.backbone(cache, x[:, :p], 0, prefill_mask(np.zeros(p, bool)))]
+    outs = [backend.backbone(cache, x[:, :p], 0, prefill_mask(np.zeros(p, bool)), "prefill")[0]]
     for i in range(p, s):                                   # token by token, mask None (all cached keys)
-        outs.append(backend.backbone(cache, x[:, i:i + 1], i, None))
+        outs.append(backend.backbone(cache, x[:, i:i + 1], i, None, "decode")[0])
     cached = torch.cat(outs, dim=1)
     assert rel_err(cached, full) < 1e-5
     for layer, (k, v) in enumerate(full_kv):                # the cache holds the rotated keys and the values
@@ -78,10 +78,10 @@ def test_image_step_with_cache_rewrite_equals_recompute(backend):
     img_a, img_b = randn(1, m, d, seed=2), randn(1, m, d, seed=3)
 
     cache = backend.new_cache(1, p + m + 2)
-    backend.backbone(cache, prefix, 0, prefill_mask(np.zeros(p, bool)))
-    h_a = backend.backbone(cache, img_a, p, None)           # denoising step 1
-    h_b = backend.backbone(cache, img_b, p, None)           # step 2 rewrites the same image entries
-    h_t = torch.cat([backend.backbone(cache, txt[:, i:i + 1], p + m + i, None) for i in range(2)], dim=1)
+    backend.backbone(cache, prefix, 0, prefill_mask(np.zeros(p, bool)), "prefill")
+    h_a = backend.backbone(cache, img_a, p, None, "image_step")[0]           # denoising step 1
+    h_b = backend.backbone(cache, img_b, p, None, "image_step")[0]           # step 2 rewrites the same image entries
+    h_t = torch.cat([backend.backbone(cache, txt[:, i:i + 1], p + m + i, None, "decode")[0] for i in range(2)], dim=1)
 
     def recompute(img):
         seq = torch.cat([prefix, img, txt], dim=1)
@@ -114,14 +114,14 @@ def test_batched_cfg_equals_two_single_passes(backend):
     t = np.float32(0.37)
 
     cache2 = backend.new_cache(2, p + m)
-    backend.backbone(cache2, torch.cat([pre_c, pre_u]), 0, prefill_mask(np.zeros(p, bool)))
-    hs2 = backend.backbone(cache2, backend.repeat_batch(tok, 2), p, None)
+    backend.backbone(cache2, torch.cat([pre_c, pre_u]), 0, prefill_mask(np.zeros(p, bool)), "prefill")
+    hs2 = backend.backbone(cache2, backend.repeat_batch(tok, 2), p, None, "image_step")[0]
     v2 = backend.cfm_head(hs2, backend.repeat_batch(pe, 2), np.full((2,), t, np.float32))
     assert tuple(v2.shape) == (2, cfg.latent_channels, 4, 4)
     for row, pre in enumerate([pre_c, pre_u]):
         cache1 = backend.new_cache(1, p + m)
-        backend.backbone(cache1, pre, 0, prefill_mask(np.zeros(p, bool)))
-        hs1 = backend.backbone(cache1, tok, p, None)
+        backend.backbone(cache1, pre, 0, prefill_mask(np.zeros(p, bool)), "prefill")
+        hs1 = backend.backbone(cache1, tok, p, None, "image_step")[0]
         v1 = backend.cfm_head(hs1, pe, np.full((1,), t, np.float32))
         assert rel_err(hs2[row:row + 1], hs1) < 1e-5
         assert rel_err(v2[row:row + 1], v1) < 1e-5
@@ -137,30 +137,31 @@ def tiny_pipeline(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def one_step_latents(tiny_pipeline):
-    """generate() with one Euler step (x = noise + v(noise, t=0)) for several cfg scales, same noise."""
+    """generate() with one Euler step (x = noise + v(noise, t=0)) for several cfg scales, same noise; None = the
+    model's default guidance scale."""
     noise = np.random.default_rng(0).standard_normal((128, 4, 4)).astype(np.float32)
     out = {}
-    for s in (None, 1.0, 2.0, 3.0):
+    for s in (None, 1.0, 2.0, 3.0, tiny_pipeline.generation.cfg_scale):
         out[s] = tiny_pipeline.generate("a blue square", steps=1, cfg_scale=s, alpha=0.5, noise=noise, seed=0,
                                         max_new_tokens=2)
     return out
 
 
-def test_cfg_scale_one_equals_no_cfg(one_step_latents):
-    a, b = one_step_latents[1.0], one_step_latents[None]
+def test_cfg_scale_left_out_is_the_models_default(one_step_latents, tiny_pipeline):
+    a, b = one_step_latents[None], one_step_latents[tiny_pipeline.generation.cfg_scale]
     np.testing.assert_array_equal(a.latent, b.latent)
     np.testing.assert_array_equal(a.image, b.image)
     assert a.token_ids == b.token_ids
-    assert np.abs(one_step_latents[3.0].latent - b.latent).max() > 1e-3     # guidance does something
+    assert np.abs(one_step_latents[3.0].latent - one_step_latents[1.0].latent).max() > 1e-3   # guidance does something
 
 
 def test_cfg_combination_is_uncond_plus_scale_times_difference(one_step_latents):
-    """x(s) = noise + v_u + s (v_c - v_u) is affine in s; s = 1 (no uncond branch at all) and no CFG must lie on
+    """x(s) = noise + v_u + s (v_c - v_u) is affine in s; s = 1 (no uncond branch at all: one batch row) must lie on
     the line through s = 2 and s = 3, i.e. the conditional branch is the one scaled up."""
     lat = {s: r.latent.astype(np.float64) for s, r in one_step_latents.items()}
     diff = lat[3.0] - lat[2.0]                              # v_c - v_u
     base = lat[2.0] - 2.0 * diff                            # noise + v_u
-    assert rel_err(lat[None], base + 1.0 * diff) < 1e-4
+    assert rel_err(lat[1.0], base + 1.0 * diff) < 1e-4
     assert np.abs(diff).max() > 1e-3
 
 

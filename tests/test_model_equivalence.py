@@ -79,6 +79,32 @@ def test_qwen2_matches_transformers(attn_impl, rope_theta, eps):
     assert (ours2 - ours)[:, 10:].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("impl,rope_cache", [("sdpa", False), ("sdpa_gqa", True), ("masked", True)])
+def test_qwen2_options_match_transformers(impl, rope_cache):
+    """Every attention implementation / RoPE cache setting of our LM (CheersModel.set_options) against
+    transformers' eager attention, with a prefill mask and then one step over the cached K/V."""
+    from transformers import DynamicCache
+
+    cfg = tiny()
+    lm = language_model(cfg, seed=13)
+    lm.set_attention(impl)
+    lm.set_rope_cache(rope_cache)
+    hf = hf_qwen2(cfg.text_config, lm.state_dict(), "eager")
+    gen = torch.Generator().manual_seed(2)
+    s, d = 11, cfg.text_config.hidden_size
+    embeds = torch.randn(1, s + 1, d, generator=gen)
+    pos = torch.arange(s + 1)[None]
+    ours, new = lm(embeds[:, :s], pos[:, :s], torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None])
+    cache = DynamicCache()
+    ref = hf(inputs_embeds=embeds[:, :s], position_ids=pos[:, :s], past_key_values=cache,
+             use_cache=True).last_hidden_state
+    assert rel_err(ours, ref) < 1e-5
+    ours2, _ = lm(embeds[:, s:], pos[:, s:], torch.ones(1, 1, 1, s + 1, dtype=torch.bool), new)
+    ref2 = hf(inputs_embeds=embeds[:, s:], position_ids=pos[:, s:], past_key_values=cache,
+              use_cache=True).last_hidden_state
+    assert rel_err(ours2, ref2) < 1e-5
+
+
 def test_qwen2_rotated_keys_match_transformers_cache():
     """The KV entries our layers return are the RoPE-rotated keys and the values, like transformers' cache."""
     from transformers import DynamicCache

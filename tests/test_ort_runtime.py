@@ -20,7 +20,7 @@ from cheers_deploy.runtime.masks import prefill_mask  # noqa: E402
 from cheers_deploy.runtime.ort_backend import OrtBackend, tensorrt_profile_options  # noqa: E402
 from cheers_deploy.runtime.pipeline import Pipeline  # noqa: E402
 
-from test_export import export_tiny  # noqa: E402  (tests/ is on sys.path: pytest rootdir-less import)
+from helpers import export_tiny  # noqa: E402  (tests/ is on sys.path: pytest rootdir-less import)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,13 +118,13 @@ def test_batched_cfg_equals_two_passes(backend):
     t = np.float32(0.3)
     mask = prefill_mask(np.zeros(s, bool))
     cache2 = backend.new_cache(2, 32)
-    backend.backbone(cache2, embeds, 0, mask)
-    hs2 = backend.backbone(cache2, backend.repeat_batch(tokens, 2), s, None)
+    backend.backbone(cache2, embeds, 0, mask, "prefill")
+    hs2, _ = backend.backbone(cache2, backend.repeat_batch(tokens, 2), s, None, "image_step")
     v2 = backend.cfm_head(hs2, backend.repeat_batch(pe, 2), np.full(2, t))
     for b in range(2):
         c1 = backend.new_cache(1, 32)
-        backend.backbone(c1, embeds[b:b + 1], 0, mask)
-        hs1 = backend.backbone(c1, tokens, s, None)
+        backend.backbone(c1, embeds[b:b + 1], 0, mask, "prefill")
+        hs1, _ = backend.backbone(c1, tokens, s, None, "image_step")
         v1 = backend.cfm_head(hs1, pe, np.full(1, t))
         assert _close(hs2[b], hs1[0], 1e-5) and _close(v2[b], v1[0], 1e-5)
         for i in range(backend.num_layers):
@@ -141,20 +141,22 @@ def test_cache_equals_recomputation(backend):
     img_b = rng.standard_normal((1, m, 64), dtype=np.float32)
     last = rng.standard_normal((1, 1, 64), dtype=np.float32)
     cache = backend.new_cache(1, 64)
-    backend.backbone(cache, prefix, 0, prefill_mask(np.zeros(s, bool)))
-    backend.backbone(cache, img_a, s, None)
-    h_img = backend.backbone(cache, img_b, s, None)                 # rewrites slots s..s+m-1
-    h_last = backend.backbone(cache, last, s + m, None)
-    logits = backend.logits(h_last[:, -1])
+    backend.backbone(cache, prefix, 0, prefill_mask(np.zeros(s, bool)), "prefill")
+    backend.backbone(cache, img_a, s, None, "image_step")
+    h_img, none = backend.backbone(cache, img_b, s, None, "image_step")   # rewrites slots s..s+m-1
+    assert none is None                                                # image steps return no logits
+    h_last, logits = backend.backbone(cache, last, s + m, None, "decode")
     # recomputation: causal prefix, image block bidirectional over prefix + itself, last token sees all
     n = s + m + 1
     full_mask = np.tril(np.ones((n, n), bool))
     full_mask[s:s + m, s:s + m] = True
     fresh = backend.new_cache(1, 64)
-    h_all = backend.backbone(fresh, np.concatenate([prefix, img_b, last], 1), 0, full_mask)
+    h_all, logits_all = backend.backbone(fresh, np.concatenate([prefix, img_b, last], 1), 0, full_mask, "prefill")
     assert _close(h_img, h_all[:, s:s + m], 1e-5)
     assert _close(h_last, h_all[:, -1:], 1e-5)
-    assert _close(logits, backend.logits(h_all[:, -1].copy()), 1e-5)   # the host projection path agrees too
+    assert logits.shape == (1, backend.embed_table.shape[0])
+    assert _close(logits, logits_all, 1e-5)                            # the last position's logits agree too
+    assert _close(logits, h_last[:, -1] @ np.asarray(backend.embed_table).T, 1e-4)   # = tied lm_head on the host
     for i in range(backend.num_layers):
         assert _close(cache.k[i][:, :, :n], fresh.k[i][:, :, :n], 1e-5)
         assert _close(cache.v[i][:, :, :n], fresh.v[i][:, :, :n], 1e-5)
@@ -166,13 +168,13 @@ def test_decode_steps_equal_one_prefill(backend, torch_pipe):
     rng = np.random.default_rng(2)
     e = rng.standard_normal((1, 10, 64), dtype=np.float32)
     cache = backend.new_cache(1, 16)
-    backend.backbone(cache, e[:, :6], 0, prefill_mask(np.zeros(6, bool)))
-    steps = [backend.backbone(cache, e[:, j:j + 1], j, None) for j in range(6, 10)]
-    whole = backend.backbone(backend.new_cache(1, 16), e, 0, prefill_mask(np.zeros(10, bool)))
+    backend.backbone(cache, e[:, :6], 0, prefill_mask(np.zeros(6, bool)), "prefill")
+    steps = [backend.backbone(cache, e[:, j:j + 1], j, None, "decode")[0] for j in range(6, 10)]
+    whole, _ = backend.backbone(backend.new_cache(1, 16), e, 0, prefill_mask(np.zeros(10, bool)), "prefill")
     assert _close(np.concatenate(steps, 1), whole[:, 6:], 1e-5)
     tb = torch_pipe.backend
     tc = tb.new_cache(1, 16)
-    ref = tb.to_numpy(tb.backbone(tc, tb.from_numpy(e), 0, prefill_mask(np.zeros(10, bool))))
+    ref = tb.to_numpy(tb.backbone(tc, tb.from_numpy(e), 0, prefill_mask(np.zeros(10, bool)), "prefill")[0])
     assert _close(whole, ref, 1e-4)
 
 
@@ -181,7 +183,7 @@ def test_new_cache_beyond_context_and_overflow(backend):
         backend.new_cache(1, backend.max_context + 1)
     cache = backend.new_cache(1, 8)
     with pytest.raises(InputError, match="overflow"):
-        backend.backbone(cache, np.zeros((1, 4, 64), np.float32), cache.max_len - 2, None)
+        backend.backbone(cache, np.zeros((1, 4, 64), np.float32), cache.max_len - 2, None, "image_step")
 
 
 def test_tensorrt_profile_options(backend):
@@ -199,7 +201,7 @@ def test_ort_backend_runs_without_torch(tiny_workdir, ort_pipe):
         import sys; sys.modules['torch'] = None
         import numpy as np
         from cheers_deploy.runtime.pipeline import Pipeline
-        import cheers_deploy.runtime.ort_backend, cheers_deploy.runtime.workdir, cheers_deploy.runtime.manifest
+        import cheers_deploy.runtime.ort_backend, cheers_deploy.runtime.workdir, cheers_deploy.manifest
         p = Pipeline.from_workdir({str(tiny_workdir)!r})
         c = p.chat("hello there", max_new_tokens=4)
         g = p.generate("a red circle", steps=2, cfg_scale=2.0, max_new_tokens=1, seed=3)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cheers_deploy.engines import plugin_build as pb
+from cheers_deploy.build import plugin_build as pb
 from cheers_deploy.errors import CheersError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,7 +328,7 @@ def _nvrtc_compile(source: str, arch: int, name_expressions: list[str], include_
 @needs_nvcc
 @pytest.mark.skipif(NVCC is None or _find_nvrtc() is None, reason="NVRTC library not installed")
 def test_kernel_header_compiles_with_nvrtc():
-    """The .cuh alone (no host code) compiles with NVRTC - the CuPy RawModule path of bench/gpu_kernel_check.py -
+    """The .cuh alone (no host code) compiles with NVRTC - the CuPy RawModule path of engines/plugins/gated_residual/testing/gpu_kernel_check.py -
     for every template instance the launcher can pick and the extern "C" entries."""
     t = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
     names = set()
@@ -423,7 +423,7 @@ def test_plugin_sources_declare_the_contract():
 # bench script (GPU run later; here: syntax and its CPU self-test)
 # ---------------------------------------------------------------------------------------------------------------------
 def test_gpu_kernel_check_script_cpu_selftest(tmp_path):
-    script = REPO / "bench" / "gpu_kernel_check.py"
+    script = REPO / "engines" / "plugins" / "gated_residual" / "testing" / "gpu_kernel_check.py"
     ast.parse(script.read_text())
     proc = subprocess.run([sys.executable, str(script), "--cpu-selftest", "--out", str(tmp_path / "s.json")],
                           capture_output=True, text=True, timeout=120, cwd=str(REPO))

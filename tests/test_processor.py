@@ -14,7 +14,7 @@ from cheers_deploy.tokenizer import CHAT_TEMPLATE, IMAGE_PLACEHOLDER
 
 @pytest.fixture(scope="session")
 def ref_dir() -> Path:
-    d = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-tiny"
+    d = Path(__file__).resolve().parent / "data" / "official-tiny"
     if not (d / "reference.npz").is_file():
         pytest.skip(f"official reference set not found at {d}")
     return d

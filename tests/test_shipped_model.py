@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cheers_deploy.defaults import bundled_checkpoint
+from cheers_deploy.hub import bundled_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = bundled_checkpoint()
@@ -41,7 +41,8 @@ def test_documented_numbers_are_the_shipped_eval():
 
 def _eval(n, n_gen, n_two):
     torch = pytest.importorskip("torch")
-    from cheers_deploy.eval.evaluate import evaluate, load_pipeline
+    from cheers_deploy.cli.eval import load_pipeline
+    from cheers_deploy.eval.evaluate import evaluate
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     s = DOC["settings"]

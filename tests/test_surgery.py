@@ -1,4 +1,4 @@
-"""Hi-gate fusion (cheers_deploy.engines.surgery): the fused cfm_head graph, run by ONNX Runtime through the
+"""Hi-gate fusion (cheers_deploy.build.surgery): the fused cfm_head graph, run by ONNX Runtime through the
 reference FunctionProto, equals the exported graph; the plugin's numpy reference agrees; Q/DQ graphs fuse too."""
 import copy
 
@@ -9,8 +9,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from cheers_deploy.engines import surgery as S  # noqa: E402
-from cheers_deploy.engines.plugin_build import numpy_reference  # noqa: E402
+from cheers_deploy.build import surgery as S  # noqa: E402
+from cheers_deploy.build.plugin_build import numpy_reference  # noqa: E402
 
 RTOL = 1e-5
 

@@ -16,21 +16,9 @@ from cheers_deploy.train.data import BatchBuilder, DataConfig, ShapesPool, bf16_
 from cheers_deploy.train.loop import TrainConfig, Trainer, lr_at  # noqa: E402
 from cheers_deploy.world_tokenizer import padded_vocab_size, train_world_tokenizer  # noqa: E402
 
+from helpers import tiny_test_config  # noqa: E402  (tests/ is on sys.path)
+
 M = 4  # LLM tokens per image in the builder tests (64 px)
-
-
-def tiny_test_config() -> CheersConfig:
-    """32 px, one LLM token per image: the official couplings at the smallest legal sizes."""
-    return CheersConfig.from_dict({
-        "vae_encoder_config": {"resolution": 32, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-                               "z_channels": 8},
-        "vae_decoder_config": {"resolution": 32, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 0,
-                               "z_channels": 8},
-        "vision_representation_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                         "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
-        "text_config": {"vocab_size": 448, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
-        "gen_head_depth": 1, "hi_head_depth": 1})
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,16 @@ import numpy as np
 import pytest
 
 from cheers_deploy import cli
-from cheers_deploy.engines import build as eb
-from cheers_deploy.engines import compat
+from cheers_deploy.trt import layout as tl
+from cheers_deploy import constants as C
+from cheers_deploy.trt import plugin as trt_plugin
+from cheers_deploy.build import engines as eb
+from cheers_deploy.trt import compat
 from cheers_deploy.errors import CheckpointError, InputError, MissingDependencyError
 from cheers_deploy.export.specs import graph_specs
-from cheers_deploy.runtime import device_memory as dm
+from cheers_deploy.trt import device_memory as dm
 
-from test_device_memory import FakeCudart  # noqa: E402  (tests/ is on sys.path)
+from fakes.cuda import FakeCudart  # noqa: E402  (tests/ is on sys.path)
 
 IDENT = {"tensorrt": "10.3.0.30", "gpu": "Fake Orin", "compute_capability": "8.7"}
 
@@ -74,16 +77,16 @@ def _linked_copy(src: Path, dst: Path) -> Path:
 # engine path keying
 # =====================================================================================================================
 def test_engine_paths_are_keyed_by_precision_version_and_arch(tmp_path):
-    d = eb.engine_dir(tmp_path, "fp16", "10.3.0.30", "8.7")
+    d = tl.engine_dir(tmp_path, "fp16", "10.3.0.30", "8.7")
     assert d == tmp_path / "engines" / "fp16" / "trt10.3.0.30" / "sm87"
-    assert eb.plan_path(tmp_path, "int8", "10.13.3.9", "11.0", "backbone") == \
+    assert tl.plan_path(tmp_path, "int8", "10.13.3.9", "11.0", "backbone") == \
         tmp_path / "engines" / "int8" / "trt10.13.3.9" / "sm110" / "backbone.plan"
-    assert eb.version_key("10.13.0.35+cuda13") == "trt10.13.0.35_cuda13"
-    assert eb.sm_key("8.9") == "sm89" and eb.sm_key("12.1") == "sm121"
+    assert tl.version_key("10.13.0.35+cuda13") == "trt10.13.0.35_cuda13"
+    assert C.sm_key("8.9") == "sm89" and C.sm_key("12.1") == "sm121"
     with pytest.raises(InputError):
-        eb.sm_key("87")
+        C.sm_key("87")
     with pytest.raises(InputError, match="--precision"):
-        eb.engine_dir(tmp_path, "fp8", "10.3", "8.7")
+        tl.engine_dir(tmp_path, "fp8", "10.3", "8.7")
 
 
 def test_version_helpers():
@@ -96,15 +99,15 @@ def test_version_helpers():
 # compatibility refusal (fake identities)
 # =====================================================================================================================
 def _em(**kw):
-    em = {"format": eb.ENGINE_FORMAT, "precision": "fp16", "tensorrt": "10.3.0.30",
+    em = {"format": C.ENGINE_FORMAT, "precision": "fp16", "tensorrt": "10.3.0.30",
           "gpu": {"name": "Fake Orin", "compute_capability": "8.7"}, "engines": {}}
     em.update(kw)
     return em
 
 
 def test_compat_same_machine_is_fine():
-    assert eb.compat_differences(_em(), IDENT) == []
-    eb.check_engine_compat(_em(), IDENT)
+    assert tl.compat_differences(_em(), IDENT) == []
+    tl.check_engine_compat(_em(), IDENT)
 
 
 @pytest.mark.parametrize("runtime,needle", [
@@ -114,42 +117,42 @@ def test_compat_same_machine_is_fine():
 ])
 def test_compat_refuses_naming_what_differs(runtime, needle):
     with pytest.raises(CheckpointError) as exc:
-        eb.check_engine_compat(_em(), runtime, workdir="W", precision="fp16")
+        tl.check_engine_compat(_em(), runtime, workdir="W", precision="fp16")
     msg = str(exc.value)
     assert needle in msg and "cheers-deploy build --workdir W --precision fp16" in msg and "\n" not in msg
 
 
 def test_compat_lists_every_difference_and_allows_same_arch_other_model():
-    diffs = eb.compat_differences(_em(), {"tensorrt": "11.0.0", "gpu": "B", "compute_capability": "9.0"})
+    diffs = tl.compat_differences(_em(), {"tensorrt": "11.0.0", "gpu": "B", "compute_capability": "9.0"})
     assert len(diffs) == 2
-    assert eb.compat_differences(_em(), dict(IDENT, gpu="Other Orin"), allow_other_gpu=True) == []
+    assert tl.compat_differences(_em(), dict(IDENT, gpu="Other Orin"), allow_other_gpu=True) == []
 
 
 def test_find_engine_dir(tmp_path):
     with pytest.raises(CheckpointError, match="has no fp16 TensorRT engines: build them"):
-        eb.find_engine_dir(tmp_path, "fp16", IDENT)
-    other = eb.engine_dir(tmp_path, "fp16", "10.13.3.9", "11.0")
+        tl.find_engine_dir(tmp_path, "fp16", IDENT)
+    other = tl.engine_dir(tmp_path, "fp16", "10.13.3.9", "11.0")
     other.mkdir(parents=True)
-    eb.write_engine_manifest(other, _em(tensorrt="10.13.3.9", gpu={"name": "Thor", "compute_capability": "11.0"}))
+    tl.write_engine_manifest(other, _em(tensorrt="10.13.3.9", gpu={"name": "Thor", "compute_capability": "11.0"}))
     with pytest.raises(CheckpointError) as exc:
-        eb.find_engine_dir(tmp_path, "fp16", IDENT)
+        tl.find_engine_dir(tmp_path, "fp16", IDENT)
     assert "TensorRT 10.13.3.9" in str(exc.value) and "compute capability 11.0 (Thor)" in str(exc.value)
-    mine = eb.engine_dir(tmp_path, "fp16", IDENT["tensorrt"], IDENT["compute_capability"])
+    mine = tl.engine_dir(tmp_path, "fp16", IDENT["tensorrt"], IDENT["compute_capability"])
     mine.mkdir(parents=True)
-    eb.write_engine_manifest(mine, _em(gpu={"name": "Another Orin", "compute_capability": "8.7"}))
+    tl.write_engine_manifest(mine, _em(gpu={"name": "Another Orin", "compute_capability": "8.7"}))
     with pytest.raises(CheckpointError, match="GPU 'Another Orin'"):
-        eb.find_engine_dir(tmp_path, "fp16", IDENT)
-    assert eb.find_engine_dir(tmp_path, "fp16", IDENT, allow_other_gpu=True) == mine
-    (mine / eb.ENGINE_MANIFEST).write_text("{}")
+        tl.find_engine_dir(tmp_path, "fp16", IDENT)
+    assert tl.find_engine_dir(tmp_path, "fp16", IDENT, allow_other_gpu=True) == mine
+    (mine / C.ENGINE_MANIFEST).write_text("{}")
     with pytest.raises(CheckpointError, match="engine manifest format"):
-        eb.find_engine_dir(tmp_path, "fp16", IDENT)
+        tl.find_engine_dir(tmp_path, "fp16", IDENT)
 
 
 # =====================================================================================================================
 # profiles and sources from the manifest
 # =====================================================================================================================
 def test_profiles_derived_from_the_manifest(tmp_path, tiny_config):
-    from cheers_deploy.runtime.manifest import Manifest
+    from cheers_deploy.manifest import Manifest
 
     wd = _fake_workdir(tmp_path, tiny_config)
     man = Manifest.load(wd)
@@ -180,22 +183,22 @@ def test_profiles_derived_from_the_manifest(tmp_path, tiny_config):
 
 
 def test_graph_source_per_precision(tmp_path, tiny_config):
-    from cheers_deploy.runtime.manifest import Manifest
+    from cheers_deploy.manifest import Manifest
 
     wd = _fake_workdir(tmp_path, tiny_config)
     man = Manifest.load(wd)
-    assert eb.graph_source(man, "backbone", "fp32") == (wd / "backbone.onnx", None)
+    assert tl.graph_source(man, "backbone", "fp32") == (wd / "backbone.onnx", None)
     with pytest.raises(CheckpointError) as exc:
-        eb.graph_source(man, "backbone", "fp16")
+        tl.graph_source(man, "backbone", "fp16")
     assert "cheers-deploy calibrate" in str(exc.value) and "--precision fp32" in str(exc.value)
     with pytest.raises(CheckpointError, match="calibration data"):
-        eb.graph_source(man, "backbone", "int8")
+        tl.graph_source(man, "backbone", "int8")
     man.graph("backbone")["precisions"] = {"int8": {"file": "int8/backbone.onnx", "external_data": None}}
     with pytest.raises(CheckpointError, match="missing backbone.onnx"):
-        eb.graph_source(man, "backbone", "int8")
+        tl.graph_source(man, "backbone", "int8")
     (wd / "int8").mkdir()
     (wd / "int8" / "backbone.onnx").write_bytes(b"")
-    assert eb.graph_source(man, "backbone", "int8") == (wd / "int8" / "backbone.onnx", None)
+    assert tl.graph_source(man, "backbone", "int8") == (wd / "int8" / "backbone.onnx", None)
 
 
 def test_parse_error_message_names_the_node():
@@ -284,7 +287,7 @@ class FakeEngine:
         import onnx
         import onnxruntime as ort
 
-        from cheers_deploy.engines import surgery
+        from cheers_deploy.build import surgery
 
         self.trt, self.plan = trt, plan
         model = onnx.load(plan["onnx"])
@@ -543,9 +546,9 @@ def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     logs = []
     em = eb.build_engines(wd, "fp32", fuse=False, log=logs.append)
-    d = eb.engine_dir(wd, "fp32", IDENT["tensorrt"], "8.7")
-    assert (d / eb.ENGINE_MANIFEST).is_file() and (d / eb.TIMING_CACHE).is_file()
-    assert sorted(em["engines"]) == sorted(eb.GRAPHS) and em["plugin"] is None
+    d = tl.engine_dir(wd, "fp32", IDENT["tensorrt"], "8.7")
+    assert (d / C.ENGINE_MANIFEST).is_file() and (d / eb.TIMING_CACHE).is_file()
+    assert sorted(em["engines"]) == sorted(C.GRAPH_NAMES) and em["plugin"] is None
     assert [p["name"] for p in em["engines"]["backbone"]["profiles"]] == ["prefill", "decode", "image_step"]
     assert em["engines"]["backbone"]["num_profiles"] == 3 and em["engines"]["cfm_head"]["num_profiles"] == 1
     names = {t["name"] for t in em["engines"]["backbone"]["inputs"]}
@@ -667,7 +670,7 @@ def test_fake_build_parser_error_names_node(tiny_workdir, tmp_path, fakes):
 
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     # without the plugin loaded, a fused graph is rejected by the parser, naming the plugin node
-    from cheers_deploy.engines import surgery
+    from cheers_deploy.build import surgery
 
     os.unlink(wd / "cfm_head.onnx")
     assert surgery.fuse_gated_residual(tiny_workdir / "cfm_head.onnx", wd / "cfm_head.onnx") == 1
@@ -715,10 +718,10 @@ def test_fake_backend_refuses_other_machine_and_stale_engines(tiny_workdir, tmp_
     with pytest.raises(CheckpointError, match=r"'vae_encoder' \(vae_encoder.onnx\) changed after its engine was"):
         TrtBackend(wd, "fp32", identity=IDENT, **kw)
     # a deployment that deleted the ONNX files is not checked (fake engines still read them, so only the id here)
-    from cheers_deploy.runtime.manifest import Manifest
+    from cheers_deploy.manifest import Manifest
 
     (wd / "vae_encoder.onnx").unlink()
-    assert eb.source_id(Manifest.load(wd), "vae_encoder", "fp32") is None
+    assert tl.source_id(Manifest.load(wd), "vae_encoder", "fp32") is None
 
 
 def test_open_workdir_dispatches_to_trt(tiny_workdir, tmp_path, fakes, monkeypatch):
@@ -752,7 +755,7 @@ def real_trt():
 
 
 def _plugin_or_skip():
-    lib = compat.default_plugin_library()
+    lib = trt_plugin.default_plugin_library()
     if lib is None or not lib.is_file():
         pytest.skip("needs the gated-residual plugin library (build engines/plugins/gated_residual, or set "
                     "CHEERS_TRT_PLUGIN)")
@@ -821,8 +824,8 @@ def test_real_refuses_engines_of_another_version(real_trt, tiny_workdir, tmp_pat
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     eb.build_engines(wd, "fp32", fuse=False, graphs=["vae_encoder"], log=lambda s: None)
     d = next((wd / "engines" / "fp32").glob("*/*"))
-    em = eb.read_engine_manifest(d)
+    em = tl.read_engine_manifest(d)
     em["tensorrt"] = "9.9.9"
-    eb.write_engine_manifest(d, em)
+    tl.write_engine_manifest(d, em)
     with pytest.raises(CheckpointError, match="TensorRT 9.9.9"):
         TrtBackend(wd, "fp32", graphs=["vae_encoder"])

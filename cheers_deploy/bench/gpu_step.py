@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from ..config import CheersConfig
 from . import floor as floor_mod
+from ..fileio import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,19 +67,6 @@ def _torch():
     return torch
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    return o
-
-
 class Recorder:
     """Holds the result dict and rewrites the JSON file atomically after each update."""
 
@@ -91,9 +78,7 @@ class Recorder:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(self.data), indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 class Deadline:
@@ -207,8 +192,10 @@ def build_model(cfg: CheersConfig, device, dtype, seed: int = 0):
 # ================================================================================================ switches
 
 class Opts:
-    """The optimisation switches of the ablation. Every change bumps `version`, which is part of a captured
-    graph's key, so a graph is recaptured whenever the code path it recorded changes."""
+    """The optimisation switches of the ablation, set through the model's own options (CheersModel.set_options)
+    and torch's settings. The model starts in the official configuration (repeat_kv SDPA, RoPE inv_freq rebuilt
+    on the host per call, plain hi gate). Every change bumps `version`, which is part of a captured graph's key,
+    so a graph is recaptured whenever the code path it recorded changes."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
@@ -219,21 +206,14 @@ class Opts:
         self.device_rope = False
         self.fused_gate = False
         self._saved = {}
+        model.set_options(attn_impl="sdpa", rope_cache=False, fused_gate=False)
 
     def _bump(self):
         self.version += 1
 
     def set_gqa(self, on: bool):
         """Route the LLM/DiT attention through SDPA's native GQA instead of materialising repeated K/V."""
-        from ..model import heads, layers, qwen2
-        torch = _torch()
-        F = torch.nn.functional
-        if on:
-            def attention_gqa(q, k, v, mask=None):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-            qwen2.attention = heads.attention = attention_gqa
-        else:
-            qwen2.attention = heads.attention = layers.attention
+        self.model.set_options(attn_impl="sdpa_gqa" if on else "sdpa")
         self.gqa = on
         self._bump()
 
@@ -250,30 +230,16 @@ class Opts:
         self._bump()
 
     def set_device_rope(self, on: bool):
-        """The model computes RoPE inv_freq on the host at every call and copies it to the device (a pageable
-        H2D copy, illegal inside graph capture). Cache the identical values on the device instead."""
-        from ..model import heads, layers, qwen2
-        if on:
-            device, cache = self.device, {}
-            orig = layers.rope_inv_freq
-
-            def rope_inv_freq_device(dim, base, dtype):
-                key = (dim, float(base), dtype)
-                if key not in cache:
-                    cache[key] = orig(dim, base, dtype).to(device)
-                return cache[key]
-            qwen2.rope_inv_freq = heads.rope_inv_freq = rope_inv_freq_device
-        else:
-            qwen2.rope_inv_freq = heads.rope_inv_freq = layers.rope_inv_freq
+        """Off (the official code): RoPE inv_freq is computed on the host at every call and copied to the device
+        (a pageable H2D copy, illegal inside graph capture). On: the model's rope_cache keeps the identical
+        values on the device."""
+        self.model.set_options(rope_cache=on)
         self.device_rope = on
         self._bump()
 
     def set_fused_gate(self, on: bool):
-        hg = self.model.model.hi_gate
-        if on:
-            hg.forward = types.MethodType(fused_gate_forward, hg)
-        elif "forward" in hg.__dict__:
-            del hg.forward
+        """The hi gate's Triton kernel (the model's fused_gate option; CUDA, no grad)."""
+        self.model.set_options(fused_gate=on)
         self.fused_gate = on
         self._bump()
 
@@ -291,75 +257,22 @@ class Opts:
 
 # ================================================================================================ fused hi gate
 
-_GATE_KERNEL = None
-
-
 def _gate_kernel():
-    """Triton version of engines/plugins/gated_residual (same maths, FP32 inside): one program per token row.
-
-        g[r]   = dot(SiLU(h[r]), w2) + b2      h = output of the gate's first Linear (a GEMM left to cuBLAS)
-        x[r]   = low[r] + g[r] * high[r]
-        out[r] = LayerNorm(x[r]) * ln_w + ln_b
-    """
-    global _GATE_KERNEL
-    if _GATE_KERNEL is not None:
-        return _GATE_KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gated_residual_kernel(low, high, h, w2, b2, lnw, lnb, out, n_per_batch, high_bstride, C, eps,
-                              BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        msk = cols < C
-        hv = tl.load(h + row * C + cols, mask=msk, other=0.0).to(tl.float32)
-        w = tl.load(w2 + cols, mask=msk, other=0.0).to(tl.float32)
-        g = tl.sum(hv * tl.sigmoid(hv) * w, axis=0) + tl.load(b2).to(tl.float32)
-        lo = tl.load(low + row * C + cols, mask=msk, other=0.0).to(tl.float32)
-        hrow = (row // n_per_batch) * high_bstride + (row % n_per_batch) * C   # high may be batch-broadcast
-        hi = tl.load(high + hrow + cols, mask=msk, other=0.0).to(tl.float32)
-        x = lo + g * hi
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(msk, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / C
-        y = xc * (1.0 / tl.sqrt(var + eps))
-        y = y * tl.load(lnw + cols, mask=msk, other=0.0).to(tl.float32) \
-            + tl.load(lnb + cols, mask=msk, other=0.0).to(tl.float32)
-        tl.store(out + row * C + cols, y.to(out.dtype.element_ty), mask=msk)
-
-    _GATE_KERNEL = (gated_residual_kernel, triton)
-    return _GATE_KERNEL
-
-
-def fused_gate_forward(self, low, high):
-    """HiGate.forward with the Triton kernel; low (B,N,C), high (B or 1,N,C), batch stride may be 0 (expand)."""
-    torch = _torch()
-    kernel, triton = _gate_kernel()
-    b, n, c = low.shape
-    low = low.contiguous()
-    hgate = self.gate[0](low).contiguous()                                      # (B,N,C) first Linear
-    high = high.to(low.dtype)
-    if high.stride(2) != 1 or high.stride(1) != c or (high.shape[0] != b and high.shape[0] != 1):
-        high = high.expand(b, n, c).contiguous()
-    hb = 0 if high.shape[0] == 1 else high.stride(0)
-    out = torch.empty_like(low)
-    ln, lin2 = self.layer_norm, self.gate[2]
-    block = triton.next_power_of_2(c)
-    kernel[(b * n,)](low, high, hgate, lin2.weight, lin2.bias, ln.weight, ln.bias, out, n, hb, c, float(ln.eps),
-                     BLOCK=block, num_warps=4 if block <= 1024 else 8)
-    return out
+    """The model's Triton kernel for the hi gate (model/fused_gate.py); raises ImportError without Triton."""
+    from ..model.fused_gate import gate_kernel
+    return gate_kernel()
 
 
 def check_fused_gate(hi_gate, device, dtype, n_tokens: int, batch: int = 2, seed: int = 0) -> Dict[str, float]:
-    """Fused vs the module's own forward on random inputs with a broadcast `high` (as in the step)."""
+    """Fused vs the module's plain ops on random inputs with a broadcast `high` (as in the step)."""
     torch = _torch()
+    from ..model.fused_gate import fused_gate_forward
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     c = hi_gate.layer_norm.normalized_shape[0]
     low = torch.randn(batch, n_tokens, c, generator=g, device=device).to(dtype)
     high = torch.randn(1, n_tokens, c, generator=g, device=device).to(dtype).expand(batch, n_tokens, c)
-    ref = type(hi_gate).forward(hi_gate, low, high).float()
+    ref = hi_gate.plain(low, high).float()
     got = fused_gate_forward(hi_gate, low, high).float()
     d = (got - ref).abs()
     return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "ref_max_abs": float(ref.abs().max())}
@@ -1068,7 +981,7 @@ def _device_info(torch, device) -> Dict[str, object]:
 
 
 def run(args) -> Dict:
-    """The whole benchmark; the switches patch package functions, so they are always switched back off."""
+    """The whole benchmark; the switches are always switched back off (the model's options, torch's settings)."""
     import torch
 
     live: List[Opts] = []

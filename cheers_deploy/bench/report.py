@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from .run import METRIC_UNITS, STAGE_LABELS
+from ..fileio import atomic_write_text, json_safe
 
 FILES = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "stages_png": "stages.png",
          "backends_png": "backends.png"}
@@ -20,28 +18,6 @@ TASK_TITLES = {"t2i": "text to image (per image)", "vqa": "image understanding (
                "chat": "text chat"}
 METRIC_LABELS = {"image_ms": "time per image", "euler_step_ms": "time per Euler step", "ttft_ms": "time to first token",
                  "total_ms": "total per answer", "tokens_per_s": "decode rate"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _clean(o):
-    """JSON-safe: non-finite floats become strings (they should not occur; if they do, they stay visible)."""
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    return o
 
 
 def _fmt(v: Optional[float], digits: int = 3) -> str:
@@ -283,17 +259,17 @@ def write_report(rep: dict, out_dir) -> Dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     p = out / FILES["json"]
-    _atomic_write(p, json.dumps(_clean(rep), indent=2) + "\n")
+    atomic_write_text(p, json.dumps(json_safe(rep), indent=2) + "\n")
     paths["json"] = str(p)
     p = out / FILES["csv"]
     import io
 
     buf = io.StringIO()
     csv.writer(buf).writerows(csv_rows(rep))
-    _atomic_write(p, buf.getvalue())
+    atomic_write_text(p, buf.getvalue())
     paths["csv"] = str(p)
     p = out / FILES["md"]
-    _atomic_write(p, markdown(rep))
+    atomic_write_text(p, markdown(rep))
     paths["md"] = str(p)
     try:
         paths.update(plots(rep, out))

@@ -30,9 +30,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__
+from ..constants import GRAPH_NAMES, VERSION
 from ..errors import CheckpointError, InputError, MissingDependencyError
 from . import energy as energy_mod
+from ..runtime.observer import PipelineObserver
 from .memory import GpuMemory, HostMemory, peak_rss
 
 SCHEMA = "cheers-deploy-bench/1"
@@ -47,7 +48,6 @@ STAGE_LABELS = dict(STAGES)
 T2I_PROMPT = "a red circle to the left of a blue square"
 VQA_QUESTION = "What shapes are in the image?"
 CHAT_PROMPT = "Describe a picture of three colored shapes."
-WORKDIR_GRAPHS = ("vae_encoder", "vision_tokenizer", "backbone", "cfm_head", "vae_decoder")
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _version(*dists: str) -> Optional[str]:
 
 def library_versions() -> Dict[str, Optional[str]]:
     """Installed versions from package metadata (imports nothing, so torch is not loaded for an ort-only run)."""
-    out = {"cheers_deploy": __version__, "python": platform.python_version()}
+    out = {"cheers_deploy": VERSION, "python": platform.python_version()}
     for key, dists in (("numpy", ("numpy",)), ("torch", ("torch",)), ("onnxruntime", ("onnxruntime-gpu", "onnxruntime")),
                        ("onnx", ("onnx",)), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
                        ("nvidia-ml-py", ("nvidia-ml-py", "pynvml")), ("psutil", ("psutil",)),
@@ -242,8 +242,8 @@ def prepare_workdir(s: BenchSettings, log: Callable[[str], None]) -> Dict[str, o
     """Find the checkpoint, export the workdir when a graph backend needs graphs it lacks, and check that the
     torch backend and the graphs come from the same weights (else the ratios compare different models)."""
     from ..checkpoint import checkpoint_hash
-    from ..defaults import resolve_checkpoint
-    from ..runtime.manifest import Manifest
+    from ..hub import resolve_checkpoint
+    from ..manifest import Manifest
 
     wd = Path(s.workdir)
     if wd.exists() and not wd.is_dir():
@@ -252,12 +252,12 @@ def prepare_workdir(s: BenchSettings, log: Callable[[str], None]) -> Dict[str, o
         man = Manifest.load(wd)
     except CheckpointError:
         man = None
-    recorded = (man.data.get("checkpoint") or {}) if man is not None else {}
+    recorded = man.checkpoint if man is not None else {}
     need_graphs = any(b in ("ort", "trt") for b in s.backends)
     complete = False
     if man is not None:
         try:
-            man.check_files([g for g in WORKDIR_GRAPHS])
+            man.check_files(GRAPH_NAMES)
             complete = True
         except CheckpointError:
             complete = False
@@ -284,15 +284,15 @@ def prepare_workdir(s: BenchSettings, log: Callable[[str], None]) -> Dict[str, o
         man = export_all(ckpt, wd, progress=not s.quiet)
         info["exported_now"] = True
         info["export_s"] = time.perf_counter() - t0
-        recorded = man.data.get("checkpoint") or {}
+        recorded = man.checkpoint
     if man is not None:
         info["workdir_checkpoint"] = recorded.get("path")
         info["workdir_checkpoint_hash"] = recorded.get("hash")
-        info["max_context"] = man.data.get("max_context")
-        info["precision"] = man.data.get("precision")
-        if "image" in man.data:
-            info["resolution"] = man.data["image"].get("resolution")
-            info["tokens_per_image"] = man.data["image"].get("tokens_per_image")
+        info["max_context"] = man.max_context
+        info["precision"] = man.precision
+        if man.image is not None:
+            info["resolution"] = man.image.resolution
+            info["tokens_per_image"] = man.image.tokens_per_image
     if "torch" in s.backends and need_graphs and recorded.get("hash") and info.get("checkpoint_hash") \
             and recorded["hash"] != info["checkpoint_hash"]:
         raise CheckpointError(f"{wd} was exported from {recorded.get('path')}, not from the checkpoint {ckpt} the "
@@ -318,16 +318,13 @@ def load_pipeline(name: str, s: BenchSettings, info: Dict[str, object]):
     from ..runtime.pipeline import Pipeline
 
     if name == "torch":
-        pipe = Pipeline.from_pretrained(info["checkpoint"], backend="torch", device=s.device, dtype=s.dtype)
-        if s.threads:
-            pipe.backend.torch.set_num_threads(s.threads)
-        return pipe
+        return Pipeline.from_pretrained(info["checkpoint"], backend="torch", device=s.device, dtype=s.dtype,
+                                        threads=s.threads)
     kw = {}
     if name == "ort":
         if s.providers:
             kw["providers"] = list(s.providers)
-        if s.threads:
-            kw["threads"] = s.threads
+        kw["threads"] = s.threads
     return Pipeline.from_workdir(s.workdir, backend=name, **kw)
 
 
@@ -340,7 +337,7 @@ def backend_info(name: str, pipe, s: BenchSettings, clock) -> Dict[str, object]:
     elif name == "ort":
         runner = next(iter(be.runners.values()))
         out.update(providers=list(runner.session.get_providers()), device=runner.device,
-                   threads=s.threads or "onnxruntime default", cache_len=be.cache_len)
+                   threads=be.threads, cache_len=be.cache_len)
     else:
         out.update(device="cuda", precision=getattr(be, "precision", None),
                    engine_dir=str(getattr(be, "engine_dir", "")) or None)
@@ -360,33 +357,17 @@ def backend_device(name: str, pipe) -> str:
 
 # ================================================================================================ one run
 
-class _TokenProbe:
-    """Wraps backend.logits for one call: masks the stop tokens (ignore_eos) and marks when each token's logits
-    are on the host, which gives time-to-first-token and the decode rate."""
+class _TokenMarks(PipelineObserver):
+    """Marks the clock when each token has been sampled (its logits are on the host): time to first token and the
+    decode rate. The stop tokens are suppressed through the pipeline's `suppress_tokens` (ignore_eos), so every
+    run decodes the same number of tokens."""
 
-    def __init__(self, pipe, clock, banned: Sequence[int]):
-        self.be, self.clock, self.banned = pipe.backend, clock, list(banned)
+    def __init__(self, clock):
+        self.clock = clock
         self.marks: List[object] = []
 
-    def __enter__(self):
-        orig = self.be.logits
-
-        def logits(h):
-            out = np.array(orig(h), dtype=np.float32, copy=True)
-            out[:, self.banned] = -np.inf
-            self.marks.append(self.clock.mark())
-            return out
-
-        self._had = "logits" in vars(self.be)
-        self._orig = orig
-        self.be.logits = logits
-        return self
-
-    def __exit__(self, *exc):
-        if self._had:
-            self.be.logits = self._orig
-        else:
-            del self.be.logits
+    def on_token(self, index, token_id, logits):
+        self.marks.append(self.clock.mark())
 
 
 def _stage_times(pipe) -> Dict[str, List[float]]:
@@ -419,13 +400,16 @@ def run_understanding(pipe, clock, s: BenchSettings, seed: int, task: str) -> Di
     from ..processor import make_dummy_image
 
     sp = pipe.special
-    with _TokenProbe(pipe, clock, [sp.chat_end, sp.img_start]) as probe:
-        t0 = clock.mark()
-        if task == "vqa":
-            res = pipe.answer(make_dummy_image(seed + 1), VQA_QUESTION, max_new_tokens=s.max_new_tokens, seed=seed)
-        else:
-            res = pipe.chat(CHAT_PROMPT, max_new_tokens=s.max_new_tokens, seed=seed)
-        t1 = clock.mark()
+    probe = _TokenMarks(clock)
+    banned = (sp.chat_end, sp.img_start)
+    t0 = clock.mark()
+    if task == "vqa":
+        res = pipe.answer(make_dummy_image(seed + 1), VQA_QUESTION, max_new_tokens=s.max_new_tokens, seed=seed,
+                          suppress_tokens=banned, observer=probe)
+    else:
+        res = pipe.chat(CHAT_PROMPT, max_new_tokens=s.max_new_tokens, seed=seed, suppress_tokens=banned,
+                        observer=probe)
+    t1 = clock.mark()
     n = len(res.token_ids)
     if n < 2 or len(probe.marks) < n:
         raise InputError(f"the {task} run decoded {n} tokens, expected {s.max_new_tokens}")

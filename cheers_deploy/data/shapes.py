@@ -1,4 +1,6 @@
 """The synthetic shapes world: scenes, renderer, text (captions / prompts / QA) and splits.
+One file because it is one specification read as one namespace (`shapes as W` in data, training, eval, precision
+and tests): the split and question guarantees below rest on the geometry, palette and vocabulary defined together.
 
 A tiny Cheers model (~5M parameters) is trained on this world and evaluated on it: understanding by
 exact-match accuracy on single-word answers, generation by a GenEval-style score computed with the

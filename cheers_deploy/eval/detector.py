@@ -1,4 +1,6 @@
 """Deterministic OpenCV detector for the shapes world and a GenEval-style generation score.
+One file because `detect` is one seven-step pipeline (below) whose thresholds and templates were tuned together,
+and the score at the end is its only user inside the package.
 
 ``detect(image)`` finds the objects of an image of :mod:`cheers_deploy.data.shapes` and names their
 shape, colour, position and size; ``score_generation(image, spec)`` checks a generated image against

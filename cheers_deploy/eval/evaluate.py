@@ -8,19 +8,44 @@ single-object and two-object scenes through `pipe.generate`, judged by the OpenC
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
 from ..data import shapes as W
-from ..errors import InputError
 from .detector import score_generation
 
 DEFAULTS = {"n": 100, "steps": 25, "cfg_scale": 3.0, "alpha": 1.0}
+
+# progress: None/False = silent; True = a tqdm bar on stderr per phase; a callable(i, n) is called after each item
+Progress = Union[None, bool, Callable[[int, int], None]]
+
+
+@contextlib.contextmanager
+def progress_reporter(progress: Progress, desc: str, total: int, unit: str = "item"):
+    """A callable(i, n) for one loop of `total` items: calls `progress` when it is callable, drives a tqdm bar on
+    stderr when it is True, does nothing when it is None/False."""
+    bar = None
+    if progress and not callable(progress) and total > 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def step(i: int, n: int) -> None:
+        if callable(progress):
+            progress(i, n)
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        yield step
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def normalize_answer(text: str) -> str:
@@ -45,20 +70,20 @@ def _scenes(split: str, seed: int, n_single: int, n_two: int) -> tuple:
 
 
 def evaluate_understanding(pipe, n: int, seed: int = 0, split: str = "heldout", max_new_tokens: int = 6,
-                           progress=None) -> dict:
+                           progress: Progress = None) -> dict:
     res = pipe.processor.resolution
     samples = W.make_split(split, n, seed=seed, resolution=res)
     per_type: Dict[str, List[bool]] = {t: [] for t in W.QUESTION_TYPES}
     examples = []
-    for i, s in enumerate(samples):
-        for qtype, q, a in s.qa:
-            out = pipe.answer(s.image, q, max_new_tokens=max_new_tokens)
-            pred = normalize_answer(out.text)
-            per_type[qtype].append(pred == a)
-            if len(examples) < 12:
-                examples.append({"question": q, "answer": a, "prediction": out.text.strip()})
-        if progress:
-            progress(i + 1, len(samples))
+    with progress_reporter(progress, "understanding", len(samples), "scene") as step:
+        for i, s in enumerate(samples):
+            for qtype, q, a in s.qa:
+                out = pipe.answer(s.image, q, max_new_tokens=max_new_tokens)
+                pred = normalize_answer(out.text)
+                per_type[qtype].append(pred == a)
+                if len(examples) < 12:
+                    examples.append({"question": q, "answer": a, "prediction": out.text.strip()})
+            step(i + 1, len(samples))
     flat = [x for v in per_type.values() for x in v]
     return {"exact_match": float(np.mean(flat)) if flat else 0.0,
             "per_type": {t: float(np.mean(v)) if v else 0.0 for t, v in per_type.items()},
@@ -67,18 +92,19 @@ def evaluate_understanding(pipe, n: int, seed: int = 0, split: str = "heldout", 
 
 def evaluate_generation(pipe, n_single: int, n_two: int, seed: int = 0, steps: int = DEFAULTS["steps"],
                         cfg_scale: Optional[float] = DEFAULTS["cfg_scale"], alpha: float = DEFAULTS["alpha"],
-                        split: str = "heldout", keep_images: int = 0, progress=None) -> dict:
+                        split: str = "heldout", keep_images: int = 0, progress: Progress = None) -> dict:
     single, two = _scenes(split, seed + 1, n_single, n_two)
     rows, images = [], []
-    for i, s in enumerate(single + two):
-        prompt = s.prompts[0]                       # canonical prompt (with sizes), parses back exactly
-        out = pipe.generate(prompt, steps=steps, cfg_scale=cfg_scale, alpha=alpha, seed=seed * 100_003 + i)
-        sc = score_generation(out.image, prompt)
-        rows.append(sc)
-        if len(images) < keep_images:
-            images.append((prompt, out.image))
-        if progress:
-            progress(i + 1, len(single) + len(two))
+    items = single + two
+    with progress_reporter(progress, "generation", len(items), "image") as step:
+        for i, s in enumerate(items):
+            prompt = s.prompts[0]                       # canonical prompt (with sizes), parses back exactly
+            out = pipe.generate(prompt, steps=steps, cfg_scale=cfg_scale, alpha=alpha, seed=seed * 100_003 + i)
+            sc = score_generation(out.image, prompt)
+            rows.append(sc)
+            if len(images) < keep_images:
+                images.append((prompt, out.image))
+            step(i + 1, len(items))
     s1 = [r for r in rows if r["n_targets"] == 1]
     s2 = [r for r in rows if r["n_targets"] == 2]
     mean = lambda rs, k: float(np.mean([bool(r[k]) for r in rs])) if rs else 0.0  # noqa: E731
@@ -100,9 +126,12 @@ def evaluate_generation(pipe, n_single: int, n_two: int, seed: int = 0, steps: i
 def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = 0, steps: int = DEFAULTS["steps"],
              cfg_scale: Optional[float] = DEFAULTS["cfg_scale"], alpha: float = DEFAULTS["alpha"],
              n_gen: Optional[int] = None, n_two: Optional[int] = None, split: str = "heldout",
-             understanding: bool = True, generation: bool = True, keep_images: int = 0, progress=None) -> dict:
+             understanding: bool = True, generation: bool = True, keep_images: int = 0,
+             progress: Progress = None) -> dict:
     """Understanding on `n` held-out scenes (all their questions); generation on `n_gen` single-object prompts
-    (default n) and `n_two` two-object prompts (default n_gen // 2). Returns a JSON-ready dict:
+    (default n) and `n_two` two-object prompts (default n_gen // 2). progress: True = a tqdm bar per phase on
+    stderr, a callable(i, n) = called after each scene / prompt of each phase, None/False = silent.
+    Returns a JSON-ready dict:
     {"understanding": {"exact_match", "per_type": {...}}, "generation": {"color", "shape", "position", "size",
     "single_object", "two_object", "counting", "overall", ...}, "settings": {...}}."""
     n_gen = n if n_gen is None else n_gen
@@ -159,60 +188,3 @@ def save_grid(images, path, scale: int = 2) -> None:
         grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = t
     cv2.imwrite(str(path), grid[:, :, ::-1])
     Path(path).with_suffix(".txt").write_text("\n".join(p for p, _ in images) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def add_eval_args(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="evaluate understanding and generation on the held-out shapes world",
-                              description="Understanding exact match per question type and GenEval-style "
-                                          "generation scores (OpenCV detector) on held-out scenes.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled tiny-shapes)")
-    src.add_argument("--workdir", default=None, help="exported workdir (cheers-deploy export)")
-    p.add_argument("--backend", default=None, help="workdir backend: ort (default) or trt")
-    p.add_argument("--device", default="cpu", help="torch device for --checkpoint (cpu, cuda)")
-    p.add_argument("--precision", default=None, metavar="P",
-                   help="with --workdir: fp32 (default), fp16, bf16, int8 or mixed graphs/engines")
-    p.add_argument("--n", type=int, default=DEFAULTS["n"], help="held-out scenes for understanding")
-    p.add_argument("--n-gen", type=int, default=None, help="single-object generation prompts (default --n)")
-    p.add_argument("--n-two", type=int, default=None, help="two-object prompts (default n-gen/2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="Euler steps per image")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULTS["cfg_scale"])
-    p.add_argument("--alpha", type=float, default=DEFAULTS["alpha"], help="time shift")
-    p.add_argument("--split", default="heldout", choices=list(W.SPLITS))
-    p.add_argument("--skip-understanding", action="store_true")
-    p.add_argument("--skip-generation", action="store_true")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
-    p.add_argument("--samples", default=None, metavar="PNG", help="write a grid of the first generated images")
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def load_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu", precision=None):
-    from ..runtime.pipeline import Pipeline
-
-    if workdir is not None:
-        kw = {"precision": precision} if precision and precision != "fp32" else {}
-        return Pipeline.from_workdir(workdir, backend=backend or "ort", **kw)
-    if precision:
-        raise InputError("--precision selects exported graphs: use it with --workdir")
-    from ..defaults import resolve_checkpoint
-
-    return Pipeline.from_pretrained(resolve_checkpoint(checkpoint), device=device)
-
-
-def run_eval(args) -> int:
-    pipe = load_pipeline(args.checkpoint, args.workdir, args.backend, args.device, args.precision)
-    keep = 32 if args.samples else 0
-    res = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale, alpha=args.alpha,
-                   n_gen=args.n_gen, n_two=args.n_two, split=args.split,
-                   understanding=not args.skip_understanding, generation=not args.skip_generation, keep_images=keep)
-    images = res.get("generation", {}).pop("_images", None)
-    if args.samples and images:
-        save_grid(images, args.samples)
-    print(format_table(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    return 0

@@ -90,8 +90,8 @@ def _layout_wrappers():
     import torch
     import torch.nn as nn
 
-    from ..model.layers import apply_rope, rope_cos_sin, rope_inv_freq
-    from .wrappers import BackboneGraph, masked_attention
+    from ..model.layers import apply_rope, masked_attention, rope_cos_sin, rope_inv_freq
+    from .wrappers import BackboneGraph
 
     class ConcatBackbone(BackboneGraph):
         """(a) Hugging Face style: past = exactly the P cached positions, present = concat(past, new)."""
@@ -140,13 +140,13 @@ def _layout_wrappers():
 def _export_variant(wrapper, spec, args, path: Path, present_axis: str):
     import torch
 
-    from .wrappers import export_patches
+    from .wrappers import export_settings
 
     axes = spec.dynamic_axes()
     if present_axis:
         for n in spec.output_names[2:]:
             axes[n] = {0: "batch", 2: present_axis}
-    with torch.no_grad(), export_patches(18):
+    with torch.no_grad(), export_settings(wrapper.m, 18):
         torch.onnx.export(wrapper, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=axes, opset_version=18, dynamo=False)
 
@@ -159,7 +159,7 @@ def kv_layout_benchmark(checkpoint=None, out_dir="/tmp/cheers-kv-layouts", max_c
     import torch
 
     from ..checkpoint import load_config
-    from ..defaults import resolve_checkpoint
+    from ..hub import resolve_checkpoint
     from ..processor import Processor
     from .exporter import load_submodules, meta_model
     from .specs import BackboneSpec

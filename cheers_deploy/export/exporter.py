@@ -24,17 +24,16 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .. import __version__
 from ..checkpoint import checkpoint_hash, load_config, weight_files
-from ..defaults import resolve_checkpoint
+from ..constants import CACHE_LAYOUT, EXPORT_PRECISION as PRECISION, EXTERNAL_DATA_BYTES, GRAPH_NAMES, VERSION
+from ..hub import resolve_checkpoint
 from ..errors import CheckpointError, require_torch
+from ..fileio import atomic_path, write_json
+from ..manifest import (EMBED_FILE, FORMAT, CacheLayout, GenerationDefaults, GraphEntry, ImageInfo, Manifest)
 from ..processor import Processor
-from ..runtime.manifest import EMBED_FILE, FORMAT, Manifest
-from .specs import (CACHE_LAYOUT, DEFAULT_MAX_CONTEXT, GRAPH_NAMES, GraphSpec, graph_specs, past_name,
-                    present_name)
+from ..vocabulary import VOCABULARY_FILE, Vocabulary
+from .specs import DEFAULT_MAX_CONTEXT, GraphSpec, graph_specs, past_name, present_name
 
-PRECISION = "fp32"
-EXTERNAL_DATA_BYTES = 1_900_000_000      # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 VERIFY_RTOL = 1e-4                       # max abs error / output scale, ORT vs torch on the tracing sample
 SLIM_MAX_BYTES = 1 << 30                 # larger graphs are not slimmed (memory; the gain is per-node overhead)
 SLIM_RTOL = 1e-5                         # onnxslim may reassociate float ops (folded BN/scales), nothing more
@@ -59,7 +58,7 @@ def library_versions() -> Dict[str, str]:
     import onnxruntime
     import torch
 
-    out = {"cheers_deploy": __version__, "python": platform.python_version(), "torch": torch.__version__,
+    out = {"cheers_deploy": VERSION, "python": platform.python_version(), "torch": torch.__version__,
            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
     try:
         import onnxslim
@@ -151,18 +150,19 @@ def _max_rel_err(outs, refs) -> float:
 
 def _trace(spec: GraphSpec, model, path: Path, opset: int) -> None:
     torch = require_torch()
-    from .wrappers import export_patches
+    from .wrappers import export_settings, traced_masked
 
     wrapper = spec.wrapper(model)
     args = spec.sample_inputs(batch=2)
-    with torch.no_grad(), warnings.catch_warnings(), export_patches(opset) as calls:
+    with torch.no_grad(), warnings.catch_warnings(), export_settings(model, opset) as calls:
         warnings.simplefilter("ignore")           # TracerWarnings on shape arithmetic, deprecation notices
         torch.onnx.export(wrapper, args, str(path), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(),
                           opset_version=opset, dynamo=False, do_constant_folding=True)
-    if spec.name == "backbone" and calls["n"] == 0:
-        raise RuntimeError("the backbone was traced without the export attention (qwen2.attention was not "
-                           "called): the mask would be exported as an additive -inf mask")
+    if spec.name == "backbone" and not traced_masked(calls):
+        raise RuntimeError(f"the backbone was traced without the export attention (attention calls by "
+                           f"implementation: {dict(calls)}, expected only 'masked'): the mask would be exported "
+                           f"as an additive -inf mask")
 
 
 def _slim(plain: Path, spec: GraphSpec, tmp: Path, samples) -> tuple:
@@ -361,20 +361,26 @@ def write_embed_table(ckpt: Path, out_dir: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} has no {EMBED_KEY}")
     with safe_open(str(files[EMBED_KEY]), framework="pt") as sf:
         table = sf.get_tensor(EMBED_KEY).to(torch.float32).numpy()
-    tmp = out_dir / (EMBED_FILE + ".tmp.npy")
-    np.save(tmp, table)
-    os.replace(tmp, out_dir / EMBED_FILE)
+    with atomic_path(out_dir / EMBED_FILE) as tmp:
+        np.save(tmp, table)
     return {"file": EMBED_FILE, "shape": list(table.shape), "dtype": "float32"}
 
 
 def write_processor_files(ckpt: Path, out_dir: Path, proc: Processor) -> None:
-    proc.tokenizer.save(out_dir)                       # tokenizer.json + tokenizer_config.json
+    """tokenizer.json + tokenizer_config.json, preprocessor_config.json, and the vocabulary file when the checkpoint
+    has one (unknown-word warnings work on the workdir too)."""
+    proc.tokenizer.save(out_dir)
     cfg = {}
     src = ckpt / "preprocessor_config.json"
     if src.is_file():
         cfg = json.loads(src.read_text())
     cfg.update(scale_resolution=proc.resolution, patch_size=proc.patch_size)
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_json(out_dir / "preprocessor_config.json", cfg)
+    vocab = Vocabulary.load(ckpt)
+    if vocab is not None:
+        write_json(out_dir / VOCABULARY_FILE, vocab.to_dict())
+    else:
+        (out_dir / VOCABULARY_FILE).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ all
@@ -399,55 +405,50 @@ def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[in
     source_hash = hashlib.sha256((ckpt_hash + code_hash()).encode()).hexdigest()
 
     man = Manifest.load_or_empty(out_dir)
-    old_hash = (man.data.get("checkpoint") or {}).get("hash")
+    old_hash = man.checkpoint.get("hash")
     if old_hash and old_hash != ckpt_hash:
         # The workdir was exported from another checkpoint (or the same directory retrained): every graph is
         # re-exported, and nothing derived from the old weights may stay registered.
-        stale = [k for k in ("calibration",) if k in man.data]
+        stale = ["calibration"] if man.calibration else []
         dropped = [g for g in man.graphs if g not in names]
         for g in dropped:
             del man.graphs[g]
-        man.data.pop("calibration", None)
+        man.calibration = {}
         print(f"export: {out_dir} held graphs of another checkpoint "
-              f"({(man.data.get('checkpoint') or {}).get('path', '?')}, hash {old_hash[:12]}); re-exporting for "
+              f"({man.checkpoint.get('path', '?')}, hash {old_hash[:12]}); re-exporting for "
               f"{ckpt} (hash {ckpt_hash[:12]}). Precision graphs and calibration data of the old weights are "
               f"unregistered{' (' + ', '.join(stale + dropped) + ')' if stale or dropped else ''}: "
               f"run `cheers-deploy calibrate` again.", file=sys.stderr)
     t = cfg.text_config
     any_spec = next(iter(specs.values()))
-    man.data.update({
-        "format": FORMAT,
-        "precision": PRECISION,
-        "opset": opset,
-        "config": cfg.to_dict(),
-        "checkpoint": {"path": str(ckpt), "hash": ckpt_hash},
-        "exporter": dict(library_versions(), exporter="torch.onnx TorchScript (dynamo=False)"),
-        "special_tokens": {k: int(v) for k, v in vars(proc.special).items()},
-        "image": {"resolution": proc.resolution, "patch_size": proc.patch_size, "latent_grid": any_spec.grid,
-                  "latent_channels": cfg.latent_channels, "tokens_per_image": any_spec.tokens_per_image},
-        "max_context": int(max_context),
-        "batch_max": int(batch_max),
-        "cache": {"layout": CACHE_LAYOUT, "num_layers": t.num_hidden_layers, "num_kv_heads": t.num_key_value_heads,
-                  "head_dim": t.head_dim, "dtype": "float32", "max_context": int(max_context),
-                  "past_key": past_name("{i}", "key"), "past_value": past_name("{i}", "value"),
-                  "present_key": present_name("{i}", "key"), "present_value": present_name("{i}", "value"),
-                  "note": "feed the whole (B,Hkv,max_context,Dh) buffer as past; attention_mask (B,1,S,P+S) bool "
-                          "hides slots >= start; present holds only the S new entries, to be written at "
-                          "start..start+S-1"},
-    })
-    man.graphs                                          # ensure the key exists
+    man.format, man.precision, man.opset = FORMAT, PRECISION, opset
+    man.config = cfg.to_dict()
+    man.checkpoint = {"path": str(ckpt), "hash": ckpt_hash}
+    man.exporter = dict(library_versions(), exporter="torch.onnx TorchScript (dynamo=False)")
+    man.special_tokens = {k: int(v) for k, v in vars(proc.special).items()}
+    man.image = ImageInfo(proc.resolution, proc.patch_size, any_spec.grid, cfg.latent_channels,
+                          any_spec.tokens_per_image)
+    man.max_context, man.batch_max = int(max_context), int(batch_max)
+    man.cache = CacheLayout(
+        CACHE_LAYOUT, t.num_hidden_layers, t.num_key_value_heads, t.head_dim,
+        past_key=past_name("{i}", "key"), past_value=past_name("{i}", "value"),
+        present_key=present_name("{i}", "key"), present_value=present_name("{i}", "value"), dtype="float32",
+        max_context=int(max_context),
+        note="feed the whole (B,Hkv,max_context,Dh) buffer as past; attention_mask (B,1,S,P+S) bool hides slots >= "
+             "start; present holds only the S new entries, to be written at start..start+S-1")
+    man.generation = GenerationDefaults.from_generation_config(ckpt / "generation_config.json")
     model = None
     bar = tqdm(total=len(specs) + 1, disable=not progress, desc="export", unit="graph")
     try:
         for name, spec in specs.items():
             bar.set_description(f"export {name}")
-            entry = man.graphs.get(name, {})
+            entry = man.graphs.get(name)
             spec_hash = spec.spec_hash(opset, PRECISION)
-            up_to_date = (entry.get("spec_hash") == spec_hash and entry.get("source_hash") == source_hash
-                          and (out_dir / entry.get("file", "-")).is_file()
-                          and (not entry.get("external_data") or (out_dir / entry["external_data"]).is_file()))
+            up_to_date = (entry is not None and entry.spec_hash == spec_hash and entry.source_hash == source_hash
+                          and (out_dir / entry.file).is_file()
+                          and (not entry.external_data or (out_dir / entry.external_data).is_file()))
             if up_to_date and not force:
-                entry.update(spec.to_manifest())        # profiles may change (max_context) without a re-export
+                entry.profiles = spec.to_manifest()["profiles"]   # profiles may change (max_context) without a re-export
                 bar.set_postfix_str(f"{name}: up to date, skipped")
                 bar.update(1)
                 continue
@@ -459,14 +460,14 @@ def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[in
                                     release=lambda: release_submodules(model, spec.modules))
             finally:
                 release_submodules(model, spec.modules)
-            man.graphs[name] = dict(spec.to_manifest(), spec_hash=spec_hash, source_hash=source_hash, **info)
+            man.graphs[name] = GraphEntry.from_dict(name, dict(spec.to_manifest(), spec_hash=spec_hash,
+                                                               source_hash=source_hash, **info), str(out_dir))
             man.save(out_dir)                           # persist progress graph by graph
             bar.set_postfix_str(f"{name}: {info['export_s']:.1f}s")
             bar.update(1)
         bar.set_description("export embed/tokenizer")
-        if force or man.data.get("embed_tokens", {}).get("source_hash") != source_hash \
-                or not (out_dir / EMBED_FILE).is_file():
-            man.data["embed_tokens"] = dict(write_embed_table(ckpt, out_dir), source_hash=source_hash)
+        if force or man.embed_tokens.get("source_hash") != source_hash or not (out_dir / EMBED_FILE).is_file():
+            man.embed_tokens = dict(write_embed_table(ckpt, out_dir), source_hash=source_hash)
         write_processor_files(ckpt, out_dir, proc)
         bar.update(1)
     finally:

@@ -11,24 +11,18 @@ C latent channels, h/w latent grid, M LLM tokens per image, D widths.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple, Union
 
 from ..config import CheersConfig
+from ..constants import GRAPH_NAMES
+from ..fileio import sha256_json
 
 Dim = Union[int, str]                    # int = static, str = named dynamic axis
 Profile = Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]   # input -> (min, opt, max)
 
-GRAPH_NAMES = ("vae_encoder", "vision_tokenizer", "backbone", "cfm_head", "vae_decoder")
 DEFAULT_MAX_CONTEXT = 2048
 
-# KV cache layout of the backbone graph (docs/export.md, "KV cache layout"): the runtime owns a static buffer of
-# `max_context` positions per layer and feeds all of it as `past_key_values.*` (P = max_context); the attention
-# mask hides the slots at or beyond the write position; `present.*` are only the S new entries, which the runtime
-# writes into its buffer at positions start..start+S-1.
-CACHE_LAYOUT = "static-buffer/new-entries"
 
 
 @dataclass(frozen=True)
@@ -148,7 +142,7 @@ class GraphSpec:
         blob = {"graph": self.name, "opset": opset, "precision": precision, "config": self.cfg.to_dict(),
                 "image_size": self.image_size, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], "modules": list(self.modules)}
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+        return sha256_json(blob)
 
 
 def _batch_axis(batch_max: int, opt: int = 1) -> Tuple[int, int, int]:
@@ -231,7 +225,7 @@ class VaeDecoderSpec(GraphSpec):
 
 
 class BackboneSpec(GraphSpec):
-    """Qwen2 over inputs_embeds with a KV cache (layout: CACHE_LAYOUT above).
+    """Qwen2 over inputs_embeds with a KV cache (layout: constants.CACHE_LAYOUT).
 
         inputs_embeds (B,S,D), position_ids (B,S) int64, attention_mask (B,1,S,P+S) bool (True = may attend;
         keys are [past slots 0..P-1, the S new positions]), past_key_values.{i}.key/.value (B,Hkv,P,Dh)

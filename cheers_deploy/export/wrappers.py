@@ -1,10 +1,10 @@
 """nn.Module wrappers that expose one CheersModel method as one graph (inputs and outputs in spec order),
-and the two export-time substitutions (`export_patches`): the backbone's attention and eval BatchNorm.
+and the export-time settings (`export_settings`): the backbone's attention option and eval BatchNorm.
 
 Why a different attention at export: the reference model calls SDPA with a boolean mask, and the TorchScript
 exporter lowers that to an *additive* -inf mask (Where(mask, 0, -inf) + scores). STYLE forbids additive masks
-(fp16 overflow -> NaN after softmax), so while the backbone is traced the LM's attention is swapped for the
-same math with the mask applied by Where on the scores:
+(fp16 overflow -> NaN after softmax), so while the backbone is traced the LM runs with its attention option
+set to "masked" (model.layers.masked_attention): the same math with the mask applied by Where on the scores:
 
     q (B,H,S,Dh) ─ *Dh^-0.5 ─ MatMul ─ Where(mask, ·, finfo.min) ─ Softmax ─ MatMul ─ out (B,H,S,Dh)
     k/v (B,Hkv,T,Dh) ─ repeat_kv ─┘─────────────────────────────────────────────┘
@@ -18,19 +18,9 @@ import torch
 import torch.nn as nn
 from torch.onnx import symbolic_helper
 
-from ..model import qwen2 as _qwen2
-from ..model.layers import repeat_kv
+from ..model.layers import AttentionOption, count_attention_calls, masked_attention  # noqa: F401 (moved there)
 
-
-def masked_attention(q, k, v, mask=None):
-    """Grouped-query attention, boolean mask (B,1,S,T) applied with Where. q (B,H,S,Dh), k/v (B,Hkv,T,Dh)."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                            # (B,H,T,Dh)
-    scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)                # (B,H,S,T)
-    if mask is not None:
-        # a large finite fill (not -inf): an fp16 conversion clips it to -65504, softmax still gives 0
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1) @ v                                   # (B,H,S,Dh)
+EXPORT_ATTENTION = "masked"
 
 
 @symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "f", "f", "i")
@@ -51,24 +41,27 @@ def _batch_norm_eval(g, x, weight, bias, running_mean, running_var, training, mo
 
 
 @contextlib.contextmanager
-def export_patches(opset: int):
-    """While tracing: the LM's attention becomes `masked_attention` and aten::batch_norm uses the symbolic
-    above. Yields a counter of attention calls so the exporter can check the swap took effect (a refactor
-    of qwen2.py must not silently bypass it)."""
-    calls = {"n": 0}
-    original = _qwen2.attention
-
-    def counted(q, k, v, mask=None):
-        calls["n"] += 1
-        return masked_attention(q, k, v, mask)
-
-    _qwen2.attention = counted
+def export_settings(model, opset: int):
+    """While tracing `model` (a CheersModel): its LM's attention option is EXPORT_ATTENTION ("masked"; the DiT
+    stacks keep theirs) and aten::batch_norm uses the symbolic above; both are restored on exit. Yields a Counter
+    {attention implementation: calls} of the attention calls made meanwhile, so the exporter can check the
+    backbone trace really took the masked path (a refactor of qwen2.py must not silently bypass it)."""
+    lm = model.model.language_model
+    previous = {m: m.attn_impl for m in lm.modules() if isinstance(m, AttentionOption)}
+    lm.set_attention(EXPORT_ATTENTION)
     torch.onnx.register_custom_op_symbolic("aten::batch_norm", _batch_norm_eval, opset)
     try:
-        yield calls
+        with count_attention_calls() as calls:
+            yield calls
     finally:
-        _qwen2.attention = original
+        for m, impl in previous.items():
+            m.set_attention(impl)
         torch.onnx.unregister_custom_op_symbolic("aten::batch_norm", opset)
+
+
+def traced_masked(calls) -> bool:
+    """Whether the attention calls counted by `export_settings` were all, and at least one, "masked"."""
+    return calls[EXPORT_ATTENTION] > 0 and calls[EXPORT_ATTENTION] == sum(calls.values())
 
 
 class _Stage(nn.Module):

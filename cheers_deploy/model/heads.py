@@ -1,4 +1,8 @@
-"""Generation heads: timestep embedder (§8), AdaLN-Zero DiT stages 1/2 (§9, §11) and the hi gate (§10)."""
+"""Generation heads: timestep embedder (§8), AdaLN-Zero DiT stages 1/2 (§9, §11) and the hi gate (§10).
+
+Options: DiTStack(attn_impl=, rope_cache=) as in qwen2.py (set_attention / set_rope_cache); HiGate(fused=) runs
+the Triton kernel of fused_gate.py when on, for CUDA inputs with gradients off and Triton importable, and the
+plain ops otherwise. CheersModel.set_options sets them all."""
 
 import math
 
@@ -6,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from . import fused_gate as _fused
+from .layers import (AttentionOption, RMSNorm, SwiGLU, apply_rope, cached_rope_inv_freq, check_attn_impl,
+                     rope_cos_sin, set_attention)
 from .vision import shuffle_2x2
 
 DIT_ROPE_BASE = 10000.0
@@ -42,9 +48,10 @@ def modulate(y, shift, scale):
     return (y.float() * (1 + scale.float()) + shift.float()).to(y.dtype)
 
 
-class DiTAttention(nn.Module):
-    def __init__(self, d: int, heads: int, kv_heads: int):
+class DiTAttention(AttentionOption, nn.Module):
+    def __init__(self, d: int, heads: int, kv_heads: int, attn_impl: str = "sdpa"):
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
@@ -58,15 +65,15 @@ class DiTAttention(nn.Module):
         k = self.k_proj(x).reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = attention(q, k, v)                                    # non-causal, no mask
+        a = self.attend(q, k, v)                                  # non-causal, no mask
         return self.o_proj(a.transpose(1, 2).reshape(b, n, d))
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, d: int, heads: int, kv_heads: int):
+    def __init__(self, d: int, heads: int, kv_heads: int, attn_impl: str = "sdpa"):
         super().__init__()
         self.input_layernorm = RMSNorm(d, 1e-6)
-        self.attn = DiTAttention(d, heads, kv_heads)
+        self.attn = DiTAttention(d, heads, kv_heads, attn_impl)
         self.post_attention_layernorm = RMSNorm(d, 1e-6)
         self.mlp = SwiGLU(d, 4 * d)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -92,30 +99,54 @@ class FinalLayer(nn.Module):
 class DiTStack(nn.Module):
     """`diffusion_head_a` blocks + `diffusion_head_b` final layer, 1-D RoPE base 10000."""
 
-    def __init__(self, d: int, heads: int, kv_heads: int, depth: int, out: int):
+    def __init__(self, d: int, heads: int, kv_heads: int, depth: int, out: int, attn_impl: str = "sdpa",
+                 rope_cache: bool = True):
         super().__init__()
         self.head_dim = d // heads
-        self.diffusion_head_a = nn.ModuleList([DiTBlock(d, heads, kv_heads) for _ in range(depth)])
+        self.diffusion_head_a = nn.ModuleList([DiTBlock(d, heads, kv_heads, attn_impl) for _ in range(depth)])
         self.diffusion_head_b = FinalLayer(d, out)
+        self.set_rope_cache(rope_cache)
+
+    def set_attention(self, impl: str) -> None:
+        set_attention(self, impl)
+
+    def set_rope_cache(self, on: bool) -> None:
+        """As Qwen2Model.set_rope_cache: on, inv_freq per (device, dtype) in a plain dict (never in state_dict)."""
+        self.rope_cache = bool(on)
+        if not (on and getattr(self, "_rope_tables", None) is not None):
+            self._rope_tables = {} if on else None
 
     def forward(self, x, c, positions):
         dtype = x.dtype
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.head_dim, DIT_ROPE_BASE, dtype), dtype)  # (N,Dh)
+        inv = cached_rope_inv_freq(self._rope_tables, self.head_dim, DIT_ROPE_BASE, dtype, positions.device)
+        cos, sin = rope_cos_sin(positions, inv, dtype)                          # (N,Dh)
         for block in self.diffusion_head_a:
             x = block(x, c, cos, sin)
         return self.diffusion_head_b(x, c)
 
 
 class HiGate(nn.Module):
-    """`model.hi_gate`: u = LN(low + g * high), g = Linear(SiLU(Linear(low))) -- unbounded scalar per token."""
+    """`model.hi_gate`: u = LN(low + g * high), g = Linear(SiLU(Linear(low))) -- unbounded scalar per token.
 
-    def __init__(self, d: int):
+    fused=True: one Triton kernel (fused_gate.py) after the first Linear, used when the input is on CUDA, gradients
+    are off (the kernel has no backward) and Triton imports; otherwise (CPU included) exactly `plain`."""
+
+    def __init__(self, d: int, fused: bool = False):
         super().__init__()
         self.gate = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
         self.layer_norm = nn.LayerNorm(d, eps=1e-5)
+        self.fused = bool(fused)
+
+    def set_fused(self, on: bool) -> None:
+        self.fused = bool(on)
+
+    def plain(self, low, high):
+        return self.layer_norm(low + self.gate(low) * high)
 
     def forward(self, low, high):
-        return self.layer_norm(low + self.gate(low) * high)
+        if self.fused and low.is_cuda and not torch.is_grad_enabled() and _fused.triton_available():
+            return _fused.fused_gate_forward(self, low, high)
+        return self.plain(low, high)
 
 
 def cfm_velocity(time_embed, gen_projector, hi_gate, hi_projector, hidden, patch_embeds, t):

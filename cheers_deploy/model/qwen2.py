@@ -3,17 +3,24 @@
 Each layer takes the cached (already rotated) keys/values of earlier positions and returns the new
 entries; who stores them (a concatenated cache, a static buffer written by position) is the caller's
 business, so the same module serves prefill, decode and the image step.
+
+Options (constructor keywords, or `set_attention` / `set_rope_cache`; CheersModel.set_options sets them all):
+attn_impl, the attention implementation of every layer (layers.ATTENTION_IMPLS), and rope_cache, whether RoPE
+inv_freq is built once per (device, dtype) and kept on the module (True) or rebuilt on the host at every call
+and copied to the device (False, the official code's behaviour). Both give the same values.
 """
 
 import torch
 import torch.nn as nn
 
-from .layers import RMSNorm, SwiGLU, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .layers import (AttentionOption, RMSNorm, SwiGLU, apply_rope, cached_rope_inv_freq, check_attn_impl,
+                     rope_cos_sin, set_attention)
 
 
-class Qwen2Attention(nn.Module):
-    def __init__(self, cfg):
+class Qwen2Attention(AttentionOption, nn.Module):
+    def __init__(self, cfg, attn_impl: str = "sdpa"):
         super().__init__()
+        self.attn_impl = check_attn_impl(attn_impl)
         d, self.heads, self.kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = d // self.heads
         self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=True)
@@ -30,15 +37,15 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all = k if past_k is None else torch.cat([past_k, k], dim=2)          # (B,Hkv,T,Dh)
         v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
-        a = attention(q, k_all, v_all, mask)                                     # (B,H,S,Dh)
+        a = self.attend(q, k_all, v_all, mask)                                   # (B,H,S,Dh)
         return self.o_proj(a.transpose(1, 2).reshape(b, s, -1)), k, v
 
 
 class Qwen2Layer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, attn_impl: str = "sdpa"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen2Attention(cfg)
+        self.self_attn = Qwen2Attention(cfg, attn_impl)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -51,20 +58,36 @@ class Qwen2Layer(nn.Module):
 class Qwen2Model(nn.Module):
     """`model.language_model`."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, attn_impl: str = "sdpa", rope_cache: bool = True):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([Qwen2Layer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([Qwen2Layer(cfg, attn_impl) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.set_rope_cache(rope_cache)
+
+    def set_attention(self, impl: str) -> None:
+        set_attention(self, impl)
+
+    def set_rope_cache(self, on: bool) -> None:
+        """on: inv_freq per (device, dtype) in a plain dict (not a buffer: never in state_dict); off: the official
+        per-call host tensor. Switching off drops what was cached; switching on again starts empty."""
+        self.rope_cache = bool(on)
+        if not (on and getattr(self, "_rope_tables", None) is not None):
+            self._rope_tables = {} if on else None
+
+    def rope(self, position_ids, dtype):
+        """position_ids (B,S) -> cos, sin (B,S,Dh) in `dtype`."""
+        inv = cached_rope_inv_freq(self._rope_tables, self.cfg.head_dim, self.cfg.rope_theta, dtype,
+                                   position_ids.device)
+        return rope_cos_sin(position_ids, inv, dtype)
 
     def forward(self, inputs_embeds, position_ids, mask, past=None):
         """inputs_embeds (B,S,D), position_ids (B,S), mask bool (B,1,S,T) or None (= all allowed),
         past: list of (k, v) per layer, each (B,Hkv,P,Dh), or None.
         Returns final-normed hidden states (B,S,D) and the new (k, v) per layer, each (B,Hkv,S,Dh)."""
         dtype = inputs_embeds.dtype
-        inv = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, dtype)
-        cos, sin = rope_cos_sin(position_ids, inv, dtype)                       # (B,S,Dh)
+        cos, sin = self.rope(position_ids, dtype)                               # (B,S,Dh)
         x, new = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             pk, pv = past[i] if past is not None else (None, None)

@@ -1,24 +1,30 @@
 """The contract between the pipeline loop and a backend (torch, onnxruntime, TensorRT).
 
-A backend runs the five graph-shaped stages and owns the KV cache storage. The pipeline owns all
-control flow (prefill, decode, Euler loop, CFG, cache lengths), so it is written once.
+A backend runs the five graph-shaped stages and owns the KV cache storage. The pipeline owns all control flow
+(prefill, decode, Euler loop, CFG, cache lengths) and tells the backend which phase a backbone call belongs to, so
+the loop is written once and no backend guesses the phase from shapes or positions.
 
-Arrays passed between stages are the backend's own type (torch tensors, numpy arrays, device
-buffers); the loop only applies `+`, `-`, `*` and slicing on the batch axis to latents and velocities,
-which every array type supports. Host-side data enters through numpy.
+Arrays passed between stages are the backend's own type (torch tensors, numpy arrays, device buffers); the loop only
+applies `+`, `-`, `*` and slicing on the batch axis to latents and velocities, which every array type supports.
+Host-side data enters through numpy. Every array a stage returns belongs to the caller: a later call never
+overwrites it.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Optional, Tuple
 
 import numpy as np
+
+from ..constants import MODES
+from ..errors import InputError
+
+PREFILL, DECODE, IMAGE_STEP = MODES
 
 
 class Backend:
     name = "abstract"
+    max_context: Optional[int] = None     # the most positions a cache may hold (None: whatever new_cache is asked)
 
     # -- host <-> backend --
     def from_numpy(self, a: np.ndarray):
@@ -56,13 +62,12 @@ class Backend:
         """Preallocate the KV cache for `max_len` positions; never reallocated afterwards."""
         raise NotImplementedError
 
-    def backbone(self, cache, embeds, start: int, mask: Optional[np.ndarray]):
+    def backbone(self, cache, embeds, start: int, mask: Optional[np.ndarray], mode: str) -> Tuple[object, Optional[np.ndarray]]:
         """Run the LM on embeds (B,S,D) at positions start..start+S-1 over cache[:start]; write the new K/V at
-        cache[start:start+S]. mask: (S, start+S) bool for prefill, None for all-allowed. -> hidden (B,S,D)."""
-        raise NotImplementedError
-
-    def logits(self, hidden_last) -> np.ndarray:
-        """hidden (B,D) -> float32 logits (B,V) on the host."""
+        cache[start:start+S]. mask: (S, start+S) bool for prefill, None for all-allowed. mode: 'prefill', 'decode'
+        or 'image_step' (which TensorRT profile / CUDA graph runs it).
+        Returns (hidden (B,S,D), logits of the last position (B,V) float32 on the host), the logits None for
+        'image_step' (nothing samples from them)."""
         raise NotImplementedError
 
     def cfm_head(self, hidden, patch_embeds, t: np.ndarray):
@@ -76,42 +81,20 @@ class Backend:
     def synchronize(self):
         """Wait for queued device work (for honest stage timings)."""
 
+    def close(self):
+        """Release what the backend holds (sessions, engines, device memory)."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"backbone mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
 
 def lookup_embeddings(table: np.ndarray, ids) -> np.ndarray:
     """Token embedding lookup on the host from the exported table (no torch): ids (B,S) -> (B,S,D) float32."""
-    from ..errors import InputError
-
     ids = np.asarray(ids, dtype=np.int64)
     v = table.shape[0]
     if ids.size and (ids.min() < 0 or ids.max() >= v):
         raise InputError(f"token id out of range [0, {v}): {int(ids.min())}..{int(ids.max())}")
     return np.asarray(table[ids], dtype=np.float32)
-
-
-class StageTimer:
-    """Wall-clock per stage; backends with asynchronous devices synchronise before reading the clock."""
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.times: Dict[str, List[float]] = {}
-        self.enabled = True
-
-    @contextmanager
-    def __call__(self, stage: str):
-        if not self.enabled:
-            yield
-            return
-        self.backend.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.backend.synchronize()
-            self.times.setdefault(stage, []).append(time.perf_counter() - t0)
-
-    def reset(self):
-        self.times = {}
-
-    def summary(self) -> Dict[str, Dict[str, float]]:
-        return {k: {"calls": len(v), "total_s": float(sum(v)), "mean_ms": 1e3 * float(np.mean(v))}
-                for k, v in self.times.items()}

@@ -1,27 +1,40 @@
-"""The one Cheers pipeline: prefill, text decoding, the flow-matching Euler loop with time shift and
-batched classifier-free guidance, editing (ARCHITECTURE.md §13). Every backend runs this same loop.
+"""The one Cheers pipeline: prefill, text decoding, the flow-matching Euler loop with time shift and batched
+classifier-free guidance, editing (docs/architecture.md §13). Every backend runs this same loop.
 
-    ids ─ splice(image tokens | dummy block) ─ prefill (B=1, or B=2 cond+uncond for CFG)
-        └ decode loop: sample; on <im_start> run the Euler loop on the cache, force <im_end>; stop on <|im_end|>
+    check_inputs ─► encode images (explicit image, or the seeded dummy image) ─► splice ids + image tokens
+      ─► prefill (B=1, or B=2 cond+uncond for CFG)                                  Backend.backbone(mode=prefill)
+      ─► decode loop: sample one token, decode_one                                   Backend.backbone(mode=decode)
+           on <im_start>: denoise on top of the cache (scheduler.set_timesteps / step)  mode=image_step
+                          ─► force <im_end> ─► VAE decode
+           stop on <|im_end|>, max_new_tokens, or a full context
+
+Observers (observer.py) see every stage, token and Euler step; they are how timings, progress, streaming and
+calibration capture hook in. The pipeline is not thread-safe: one call at a time per instance.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import math
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from ..manifest import GenerationDefaults
 from ..processor import load_image, make_dummy_image, preprocess_understanding
 from ..tokenizer import IMAGE_PLACEHOLDER
-from .backend import Backend, StageTimer
+from .backend import DECODE, IMAGE_STEP, PREFILL, Backend
 from .masks import prefill_mask
-from .sampling import edit_steps, euler_dts, sample_token, schedule
+from .observer import PipelineObserver, ProgressObserver, StageTimer
+from .sampling import sample_token
+from .scheduler import FlowMatchEulerScheduler
 
 MAX_RAW_IDS = 1024       # the official loop stops once the raw id sequence exceeds this (§17.26)
+SEED_MAX = 2 ** 32 - 1   # seeds are what numpy's legacy RandomState takes: the official dummy image is drawn with it
+MAX_STEPS = 10000
 
 
 @dataclass
@@ -33,6 +46,8 @@ class GenerateOutput:
     images: List[np.ndarray] = field(default_factory=list)
     latents: List[np.ndarray] = field(default_factory=list)
     timings: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    stop_reason: str = ""                # see Pipeline.STOP_REASONS
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -40,15 +55,43 @@ class AnswerOutput:
     text: str
     token_ids: List[int]                 # new ids only
     timings: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    stop_reason: str = ""
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
-class _ImageSpec:
+class ImageSettings:
+    """How one image is denoised."""
     steps: int
-    cfg_scale: Optional[float]
+    cfg_scale: float                     # 1.0 = no guidance (one branch)
     alpha: float
-    noise: Optional[np.ndarray]
-    edit_latent: Optional[object] = None  # backend latent of the edit source (editing mode)
+    noise: Optional[np.ndarray] = None   # (C, h, w) initial noise; None: drawn from the seed
+    edit: bool = False                   # editing: start from the source latent at t = 0.1 (§13.4)
+
+    @property
+    def guided(self) -> bool:
+        return float(self.cfg_scale) != 1.0
+
+
+@dataclass
+class _Request:
+    """The state of one call as it moves through the phases."""
+    ids: List[int]
+    images: List[np.ndarray]
+    dummy_image: Optional[np.ndarray]
+    seed: int
+    image: Optional[ImageSettings]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    suppress_tokens: Sequence[int] = ()
+    rng: Optional[np.random.Generator] = None
+    bsz: int = 1
+    cache: object = None
+    length: int = 0
+    latents: object = None               # latents of the conditioning images (editing starts from them)
+    grid: int = 0
+    m_tokens: int = 0
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -57,101 +100,209 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.floor(x * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
+class _Observers(PipelineObserver):
+    """Fans every hook out to a list of observers."""
+
+    def __init__(self, observers: Sequence[PipelineObserver]):
+        self.observers = [o for o in observers if o is not None]
+
+    def on_stage_start(self, stage, phase):
+        for o in self.observers:
+            o.on_stage_start(stage, phase)
+
+    def on_stage(self, stage, phase, seconds):
+        for o in self.observers:
+            o.on_stage(stage, phase, seconds)
+
+    def on_token(self, index, token_id, logits):
+        for o in self.observers:
+            o.on_token(index, token_id, logits)
+
+    def on_step(self, step, num_steps, t, latent):
+        for o in self.observers:
+            o.on_step(step, num_steps, t, latent)
+
+
 class Pipeline:
-    def __init__(self, backend: Backend, tokenizer, processor, config=None):
+    STOP_REASONS = {
+        "end": "the model ended its turn (<|im_end|>)",
+        "max_new_tokens": "max_new_tokens reached",
+        "image_start": "the model began an image (<im_start>) where only text can follow",
+        "context": "the context (KV cache) is full",
+        "max_ids": f"the official cap of {MAX_RAW_IDS} ids was reached",
+        "image_done": "the image was generated",
+    }
+
+    def __init__(self, backend: Backend, tokenizer, processor, config=None,
+                 generation: Optional[GenerationDefaults] = None, observers: Sequence[PipelineObserver] = (),
+                 timings: bool = True, vocabulary=None):
+        """backend: runs the stages (TorchBackend, OrtBackend, TrtBackend). generation: the defaults used where a
+        call leaves a setting out (the model's own: manifest / generation_config.json). observers: watch every
+        call. timings: synchronise the device around each stage and report its time (costs a sync per stage on
+        a GPU). vocabulary: a Vocabulary of the words the model was trained on, to warn about unknown words."""
         self.backend = backend
         self.tokenizer = tokenizer
         self.processor = processor
         self.config = config
         self.special = tokenizer.special
-        self.timer = StageTimer(backend)
+        self.generation = generation if generation is not None else GenerationDefaults()
+        self.observers: List[PipelineObserver] = list(observers)
+        self.timings = bool(timings)
+        self.vocabulary = vocabulary
+        self.timer = StageTimer()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, checkpoint_dir=None, backend: str = "torch", device: str = "cpu",
-                        dtype: str = "float32", **kw) -> "Pipeline":
-        """A checkpoint in the official layout, run by the torch reference backend."""
-        from ..checkpoint import load_config, load_state_into
-        from ..defaults import resolve_checkpoint
-        from ..processor import Processor
-        
+    def from_pretrained(cls, checkpoint=None, backend: str = "torch", device: str = "cpu", dtype: str = "float32",
+                        threads: Optional[int] = None, revision: Optional[str] = None,
+                        observers: Sequence[PipelineObserver] = (), timings: bool = True) -> "Pipeline":
+        """A checkpoint in the official layout run by the torch reference backend: a local folder, a Hugging Face
+        repository id such as 'ai9stars/Cheers' (through the hub cache; HF_HUB_OFFLINE honoured; `revision` pins a
+        commit), or the bundled tiny-shapes model when None. threads: CPU intra-op threads (default: the
+        physical cores available to this process)."""
+        from .loaders import load_checkpoint_pipeline
+
         if backend != "torch":
             raise InputError(f"a checkpoint runs on the torch backend; for '{backend}' export it first "
                              f"(cheers-deploy export) and use Pipeline.from_workdir")
-        ckpt = resolve_checkpoint(checkpoint_dir)
-        cfg = load_config(ckpt)
-        from ..model import CheersModel
-        from .torch_backend import TorchBackend
-
-        import torch
-        with torch.device("meta"):
-            model = CheersModel(cfg)
-        model = model.to_empty(device="cpu")
-        model.tie_weights()
-        load_state_into(model, ckpt)
-        proc = Processor.from_dir(ckpt, default_resolution=cfg.vision_representation_config.image_size)
-        return cls(TorchBackend(model, device=device, dtype=dtype), proc.tokenizer, proc, cfg)
+        return load_checkpoint_pipeline(cls, checkpoint, device=device, dtype=dtype, threads=threads,
+                                        revision=revision, observers=observers, timings=timings)
 
     @classmethod
-    def from_workdir(cls, workdir, backend: str = "ort", **kw) -> "Pipeline":
-        """Exported graphs (cheers-deploy export) run by onnxruntime ('ort') or TensorRT ('trt')."""
+    def from_workdir(cls, workdir, backend: str = "ort", threads: Optional[int] = None,
+                     precision: Optional[str] = None, providers=None, observers: Sequence[PipelineObserver] = (),
+                     timings: bool = True, **backend_options) -> "Pipeline":
+        """Exported graphs (cheers-deploy export) run by onnxruntime ('ort') or TensorRT ('trt'). precision: which
+        graphs/engines (fp32 default; fp16, bf16, int8, mixed from `cheers-deploy calibrate` / `build`).
+        backend_options go to the backend class (OrtBackend / TrtBackend keywords; unknown ones are refused)."""
         from .workdir import open_workdir
 
-        return open_workdir(cls, workdir, backend=backend, **kw)
+        return open_workdir(cls, workdir, backend=backend, threads=threads, precision=precision,
+                            providers=providers, observers=observers, timings=timings, **backend_options)
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompt: str, steps: int = 80, cfg_scale: Optional[float] = 9.5, alpha: float = 0.5,
-                 seed: int = 0, noise: Optional[np.ndarray] = None, dummy_image: Optional[np.ndarray] = None,
-                 max_new_tokens: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> GenerateOutput:
-        """Text to image. `max_new_tokens` bounds the text decoded after the image (official max_length =
+    def generate(self, prompt: str, steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+                 alpha: Optional[float] = None, seed: int = 0, noise: Optional[np.ndarray] = None,
+                 dummy_image: Optional[np.ndarray] = None, max_new_tokens: Optional[int] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None,
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 observer: Optional[PipelineObserver] = None) -> GenerateOutput:
+        """Text to image. Settings left out take the model's generation defaults (`self.generation`); cfg_scale
+        1.0 turns guidance off. `max_new_tokens` bounds the text decoded after the image (official max_length =
         tokens per image + max_new_tokens - 1)."""
-        self._check_prompt(prompt)
-        ids = self.processor.t2i_ids(prompt)
-        spec = _ImageSpec(steps, cfg_scale, alpha, noise)
-        return self._run(ids, [], dummy_image, seed, spec, max_new_tokens, temperature, top_p, progress)
+        g = self.generation
+        image = ImageSettings(_pick(steps, g.steps), _pick(cfg_scale, g.cfg_scale), _pick(alpha, g.alpha), noise)
+        req = _Request([], [], dummy_image, seed, image, _pick(max_new_tokens, g.image_max_new_tokens),
+                       _pick(temperature, g.temperature), _pick(top_p, g.top_p))
+        warnings = self.check_inputs(prompt, req)
+        req.ids = self.processor.t2i_ids(prompt)
+        return self._call(req, warnings, progress, observer)
 
-    def edit(self, image, instruction: str, steps: int = 80, cfg_scale: Optional[float] = 9.5,
-             alpha: float = 0.5, seed: int = 0, noise: Optional[np.ndarray] = None, max_new_tokens: int = 8,
-             temperature: float = 0.0, top_p: float = 1.0,
-             progress: Optional[Callable[[int, int], None]] = None) -> GenerateOutput:
+    def edit(self, image, instruction: str, steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+             alpha: Optional[float] = None, seed: int = 0, noise: Optional[np.ndarray] = None,
+             max_new_tokens: Optional[int] = None, temperature: Optional[float] = None, top_p: Optional[float] = None,
+             progress: Optional[Callable[[int, int], None]] = None,
+             observer: Optional[PipelineObserver] = None) -> GenerateOutput:
         """Image editing (§13.4): the source enters the context and initialises the latent at t = 0.1."""
-        self._check_prompt(instruction)
-        img = load_image(image)
-        ids = self.processor.edit_ids(instruction)
-        spec = _ImageSpec(steps, cfg_scale, alpha, noise, edit_latent=True)
-        return self._run(ids, [img], None, seed, spec, max_new_tokens, temperature, top_p, progress)
+        g = self.generation
+        settings = ImageSettings(_pick(steps, g.steps), _pick(cfg_scale, g.cfg_scale), _pick(alpha, g.alpha), noise,
+                                 edit=True)
+        req = _Request([], [], None, seed, settings, _pick(max_new_tokens, g.image_max_new_tokens),
+                       _pick(temperature, g.temperature), _pick(top_p, g.top_p))
+        warnings = self.check_inputs(instruction, req)
+        req.images = [load_image(image)]
+        req.ids = self.processor.edit_ids(instruction)
+        return self._call(req, warnings, progress, observer)
 
-    def answer(self, image, question: str, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0) -> AnswerOutput:
-        """Image understanding: the question goes verbatim after `<im_start><image><im_end>\\n`."""
-        img = load_image(image)
-        ids = self.processor.understanding_ids(question)
-        out = self._run(ids, [img], None, seed, None, max_new_tokens, temperature, top_p, None)
-        return AnswerOutput(out.text, out.token_ids, out.timings)
+    def answer(self, image, question: str, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+               top_p: Optional[float] = None, seed: int = 0, suppress_tokens: Sequence[int] = (),
+               observer: Optional[PipelineObserver] = None) -> AnswerOutput:
+        """Image understanding: the question goes verbatim after `<im_start><image><im_end>\\n`. suppress_tokens:
+        ids never sampled (e.g. the end-of-turn id, to benchmark a fixed number of tokens)."""
+        g = self.generation
+        req = _Request([], [], None, seed, None, _pick(max_new_tokens, g.max_new_tokens),
+                       _pick(temperature, g.temperature), _pick(top_p, g.top_p), tuple(suppress_tokens))
+        warnings = self.check_inputs(question, req, allow_empty=True)
+        req.images = [load_image(image)]
+        req.ids = self.processor.understanding_ids(question)
+        out = self._call(req, warnings, None, observer)
+        return AnswerOutput(out.text, out.token_ids, out.timings, out.stop_reason, out.warnings)
 
-    def chat(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, dummy_image: Optional[np.ndarray] = None) -> AnswerOutput:
+    def chat(self, prompt: str, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+             top_p: Optional[float] = None, seed: int = 0, dummy_image: Optional[np.ndarray] = None,
+             suppress_tokens: Sequence[int] = (), observer: Optional[PipelineObserver] = None) -> AnswerOutput:
         """Text-only chat; the seeded random dummy image is prepended as the official processor does."""
-        self._check_prompt(prompt)
-        ids = self.processor.chat_ids(prompt)
-        out = self._run(ids, [], dummy_image, seed, None, max_new_tokens, temperature, top_p, None)
-        return AnswerOutput(out.text, out.token_ids, out.timings)
+        g = self.generation
+        req = _Request([], [], dummy_image, seed, None, _pick(max_new_tokens, g.max_new_tokens),
+                       _pick(temperature, g.temperature), _pick(top_p, g.top_p), tuple(suppress_tokens))
+        warnings = self.check_inputs(prompt, req)
+        req.ids = self.processor.chat_ids(prompt)
+        out = self._call(req, warnings, None, observer)
+        return AnswerOutput(out.text, out.token_ids, out.timings, out.stop_reason, out.warnings)
 
-    # ------------------------------------------------------------------ internals
-    @staticmethod
-    def _check_prompt(prompt):
-        if not isinstance(prompt, str) or not prompt.strip():
+    def describe_stop(self, stop_reason: str) -> str:
+        return self.STOP_REASONS.get(stop_reason, stop_reason)
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(self, prompt, req: _Request, allow_empty: bool = False) -> List[str]:
+        """Refuse unusable settings up front, each with a message naming the setting; return warnings (words the
+        model never saw)."""
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+        if not allow_empty and not prompt.strip():
             raise InputError("the prompt is empty")
+        if isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed <= SEED_MAX:
+            raise InputError(f"seed must be an integer in 0..{SEED_MAX}, got {req.seed!r}")
+        _check_int("max_new_tokens", req.max_new_tokens, 1, 1 << 20)
+        _check_float("temperature", req.temperature, 0.0, 100.0)
+        _check_float("top_p", req.top_p, 0.0, 1.0, low_open=True)
+        s = req.image
+        if s is not None:
+            _check_int("steps", s.steps, 2 if s.edit else 1, MAX_STEPS)
+            _check_float("cfg_scale", s.cfg_scale, 0.0, 100.0)
+            _check_float("alpha", s.alpha, 0.0, 100.0, low_open=True)
+            if s.noise is not None:
+                noise = np.asarray(s.noise, np.float32)
+                grid = self.processor.latent_grid
+                if self.config is not None and noise.shape != (self.config.latent_channels, grid, grid):
+                    raise InputError(f"noise must have shape {(self.config.latent_channels, grid, grid)}, "
+                                     f"got {noise.shape}")
+                if not np.isfinite(noise).all():
+                    raise InputError("noise must be finite")
+        return self.vocabulary.unknown_words_warning(prompt) if self.vocabulary is not None else []
 
-    def _image_features(self, pixels: np.ndarray):
-        """(B,3,R,R) understanding pixels -> latent, semantic tokens (t = 1: x_t is the clean latent)."""
-        be, timer = self.backend, self.timer
-        with timer("vae_encode"):
-            latent = be.vae_encode(pixels)
-        with timer("vision_tokenizer"):
-            tokens, _ = be.vision_tokenize(latent)
-        return latent, tokens
+    # ------------------------------------------------------------------ phases
+    @contextlib.contextmanager
+    def _stage(self, name: str, phase: str):
+        """Notify observers around one stage call; with timings on, synchronise and time it."""
+        obs = self._obs
+        obs.on_stage_start(name, phase)
+        if not self.timings:
+            yield
+            obs.on_stage(name, phase, None)
+            return
+        self.backend.synchronize()
+        t0 = time.perf_counter()
+        yield
+        self.backend.synchronize()
+        obs.on_stage(name, phase, time.perf_counter() - t0)
+
+    def encode_images(self, req: _Request):
+        """Understanding pixels of the explicit images, or of the seeded dummy image (§13.1) -> per-image semantic
+        tokens; keeps the latents (editing starts from them) and the latent grid (§17.28)."""
+        proc = self.processor
+        if req.images:
+            pix = np.stack([preprocess_understanding(im, proc.resolution) for im in req.images]).astype(np.float32)
+        else:
+            dummy = make_dummy_image(req.seed) if req.dummy_image is None else load_image(req.dummy_image)
+            pix = preprocess_understanding(dummy, proc.resolution)[None].astype(np.float32)
+        be = self.backend
+        with self._stage("vae_encode", "encode"):
+            latents = be.vae_encode(pix)
+        with self._stage("vision_tokenizer", "encode"):
+            tokens, _ = be.vision_tokenize(latents)
+        req.latents, req.grid, req.m_tokens = latents, latents.shape[-1], tokens.shape[1]
+        return [tokens[i:i + 1] for i in range(tokens.shape[0])]
 
     def _splice(self, ids: Sequence[int], image_tokens: list):
         """Embed ids and splice image tokens at each placeholder (I = 1), or prepend the dummy block (I = 0).
@@ -164,10 +315,11 @@ class Pipeline:
             dummy = image_tokens[0]
             segments.append(dummy)
             flags += [False] * dummy.shape[1]
-            text = np.asarray(ids, np.int64)[None]
-            segments.append(be.embed(text))
+            segments.append(be.embed(np.asarray(ids, np.int64)[None]))
             flags += [False] * len(ids)
             return segments, np.asarray(flags)
+        if n_ph > len(image_tokens):
+            raise InputError(f"the prompt has {n_ph} image placeholders but {len(image_tokens)} image(s) were given")
         k, run = 0, []
         for i in ids + [None]:
             if i is None or i == IMAGE_PLACEHOLDER:
@@ -183,138 +335,153 @@ class Pipeline:
                 run.append(i)
         return segments, np.asarray(flags)
 
-    def _run(self, ids, images: List[np.ndarray], dummy_image, seed: int, spec: Optional[_ImageSpec],
-             max_new_tokens: int, temperature: float, top_p: float, progress) -> GenerateOutput:
-        be, timer, sp, proc = self.backend, self.timer, self.special, self.processor
-        if max_new_tokens < 1:
-            raise InputError("max_new_tokens must be >= 1")
-        timer.reset()
-        rng = np.random.default_rng(seed)
-        # --- image inputs: explicit images, else the seeded dummy image (§13.1)
-        if images:
-            pix = np.stack([preprocess_understanding(im, proc.resolution) for im in images]).astype(np.float32)
-        else:
-            dummy = make_dummy_image(seed) if dummy_image is None else load_image(dummy_image)
-            pix = preprocess_understanding(dummy, proc.resolution)[None].astype(np.float32)
-        latents, tokens = self._image_features(pix)
-        per_image = [tokens[i:i + 1] for i in range(tokens.shape[0])]
-        grid = latents.shape[-1]                       # latent grid of the conditioning image (§17.28)
-        m_tokens = tokens.shape[1]
-
-        use_cfg = spec is not None and spec.cfg_scale is not None and float(spec.cfg_scale) != 1.0
-        branches = [list(ids)] + ([proc.uncond_ids(ids)] if use_cfg else [])
-        seg_flags = [self._splice(b, per_image) for b in branches]
+    def prefill(self, req: _Request, image_tokens: list) -> np.ndarray:
+        """Splice and run the whole prompt (both CFG branches as one batch) into a new cache; returns the logits of
+        the last position (B,V)."""
+        be = self.backend
+        branches = [list(req.ids)] + ([self.processor.uncond_ids(req.ids)] if req.image and req.image.guided else [])
+        seg_flags = [self._splice(b, image_tokens) for b in branches]
         flags = seg_flags[0][1]
-        embeds = self._concat([s for s, _ in seg_flags])
+        embeds = be.concat_batch([be.concat_seq(s) for s, _ in seg_flags])
         s_len = embeds.shape[1]
-        n_images_max = 1 if spec is not None else 0
-        if spec is not None:
-            max_length = m_tokens + max_new_tokens - 1
-        else:
-            max_length = max_new_tokens - 1
-        capacity = s_len + max_new_tokens + n_images_max * (m_tokens + 1) + 1
-        limit = getattr(be, "max_context", None)
-        if limit is not None and s_len + (m_tokens + 1 if spec else 1) > limit:
+        images_max = 1 if req.image is not None else 0
+        capacity = s_len + req.max_new_tokens + images_max * (req.m_tokens + 1) + 1
+        limit = be.max_context
+        if limit is not None and s_len + (req.m_tokens + 1 if req.image else 1) > limit:
             raise InputError(f"the prompt needs {s_len} positions, more than the context of {limit} "
                              f"this workdir was exported for (--max-context)")
         if limit is not None:
             capacity = min(capacity, limit)
-        bsz = len(branches)
-        cache = be.new_cache(bsz, capacity)
-        with timer("prefill"):
-            hidden = be.backbone(cache, embeds, 0, prefill_mask(flags))
-        length = s_len
-        h_last = hidden[:, -1]
+        req.bsz = len(branches)
+        req.cache = be.new_cache(req.bsz, capacity)
+        with self._stage("prefill", "prefill"):
+            _, logits = be.backbone(req.cache, embeds, 0, prefill_mask(flags), PREFILL)
+        req.length = s_len
+        return logits
 
-        raw_ids = list(ids)
-        new_ids: List[int] = []
+    def decode_one(self, req: _Request, token_ids: Sequence[int]) -> np.ndarray:
+        """Feed one token per batch row at the next position; returns the next logits (B,V)."""
+        be = self.backend
+        with self._stage("decode", "decode"):
+            e = be.embed(np.asarray(token_ids, np.int64)[:, None])
+            _, logits = be.backbone(req.cache, e, req.length, None, DECODE)
+        req.length += 1
+        return logits
+
+    def denoise(self, req: _Request):
+        """The flow-matching loop on top of the prompt cache; the image entries at start..start+M-1 are rewritten
+        every step (equivalent to the official append-and-crop) and kept after the last step (§17.10)."""
+        be, s, start = self.backend, req.image, req.length
+        c, grid = req.latents.shape[1], req.grid
+        if s.noise is not None:
+            noise = np.asarray(s.noise, np.float32)
+            if noise.shape != (c, grid, grid):
+                raise InputError(f"noise must have shape {(c, grid, grid)}, got {noise.shape}")
+        else:
+            noise = req.rng.standard_normal((c, grid, grid), dtype=np.float32)
+        x = be.from_numpy(noise[None])
+        sched = FlowMatchEulerScheduler.for_edit(s.alpha) if s.edit else FlowMatchEulerScheduler(s.alpha)
+        sched.set_timesteps(s.steps)
+        if s.edit:
+            x = req.latents[:1] * 0.1 + x * 0.9         # unshifted 0.1 (§17.29)
+        n, bsz = len(sched), req.bsz
+        for i, t in enumerate(sched.timesteps):
+            with self._stage("vision_tokenizer", "denoise"):
+                tok, pe = be.vision_tokenize(x)     # once per step, shared by both CFG branches
+            if bsz > 1:
+                tok, pe = be.repeat_batch(tok, bsz), be.repeat_batch(pe, bsz)
+            with self._stage("image_step", "denoise"):
+                hs, _ = be.backbone(req.cache, tok, start, None, IMAGE_STEP)
+            with self._stage("cfm_head", "denoise"):
+                v = be.cfm_head(hs, pe, np.full((bsz,), t, np.float32))
+            if bsz > 1:
+                v = v[1:2] + (v[0:1] - v[1:2]) * float(s.cfg_scale)
+            x = sched.step(v, i, x)
+            self._obs.on_step(i + 1, n, float(t), x)
+        req.length += req.m_tokens
+        return x
+
+    # ------------------------------------------------------------------ the loop
+    def _call(self, req: _Request, warnings: List[str], progress, observer) -> GenerateOutput:
+        self.timer.reset()
+        extra = [ProgressObserver(progress) if progress is not None else None, observer]
+        self._obs = _Observers([self.timer] + self.observers + extra)
+        req.rng = np.random.default_rng(req.seed)
+        out = self._generate(req)
+        out.timings = self.timer.summary()
+        out.warnings = list(warnings)
+        return out
+
+    def _sample(self, req: _Request, logits: np.ndarray) -> List[int]:
+        if req.suppress_tokens:
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            logits[:, list(req.suppress_tokens)] = -np.inf
+        return [sample_token(logits[b], req.temperature, req.top_p, req.rng) for b in range(logits.shape[0])]
+
+    def _generate(self, req: _Request) -> GenerateOutput:
+        be, sp = self.backend, self.special
+        logits = self.prefill(req, self.encode_images(req))
+        max_length = (req.m_tokens if req.image else 0) + req.max_new_tokens - 1
+        images_max = 1 if req.image is not None else 0
+        raw_ids, new_ids = list(req.ids), []
         out_images, out_latents = [], []
-        n_out, n_images = 0, 0
-        last = raw_ids[-1]
+        n_out, n_images, last, stop = 0, 0, raw_ids[-1], "max_new_tokens"
         while True:
-            if len(raw_ids) > MAX_RAW_IDS or n_out > max_length:
+            if len(raw_ids) > MAX_RAW_IDS:
+                stop = "max_ids"
+                break
+            if n_out > max_length:
                 break
             if last == sp.img_start:
-                if n_images >= n_images_max or length + m_tokens + 1 > cache.max_len:
+                if n_images >= images_max:
+                    stop = "image_done" if n_images else "image_start"
                     break
-                x_final = self._euler(cache, length, spec, grid, m_tokens, latents, rng, bsz, progress)
-                length += m_tokens                      # the last step's image entries stay (§17.10)
-                with timer("decode"):
-                    e = be.embed(np.full((bsz, 1), sp.img_end, np.int64))
-                    hidden = be.backbone(cache, e, length, None)
-                length += 1
-                h_last = hidden[:, -1]
+                if req.length + req.m_tokens + 1 > req.cache.max_len:
+                    stop = "context"
+                    break
+                x = self.denoise(req)
+                logits = self.decode_one(req, [sp.img_end] * req.bsz)
                 raw_ids.append(sp.img_end)
                 new_ids.append(sp.img_end)
-                n_out += m_tokens
+                n_out += req.m_tokens
                 n_images += 1
-                out_latents.append(be.to_numpy(x_final)[0])
-                with timer("vae_decode"):
-                    pixels = be.vae_decode(x_final)
+                out_latents.append(be.to_numpy(x)[0])
+                with self._stage("vae_decode", "output"):
+                    pixels = be.vae_decode(x)
                 out_images.append(to_uint8(pixels[0]))
                 last = sp.img_end
                 continue
             if last == sp.chat_end:
+                stop = "end"
                 break
-            if length + 1 > cache.max_len:
+            if req.length + 1 > req.cache.max_len:
+                stop = "context"
                 break
-            with timer("lm_head"):
-                logits = be.logits(h_last)
-            toks = [sample_token(logits[b], temperature, top_p, rng) for b in range(bsz)]
+            toks = self._sample(req, logits)
             tok = toks[0]                               # batch element 0 drives control flow (§17.27)
+            self._obs.on_token(len(new_ids), tok, logits[0])
             raw_ids.append(tok)
             new_ids.append(tok)
-            with timer("decode"):
-                hidden = be.backbone(cache, be.embed(np.asarray(toks, np.int64)[:, None]), length, None)
-            length += 1
-            h_last = hidden[:, -1]
+            logits = self.decode_one(req, toks)
             last = tok
             n_out += 1
         text = self.tokenizer.decode([i for i in new_ids if i >= 0], skip_special_tokens=True)
         return GenerateOutput(out_images[0] if out_images else None, out_latents[0] if out_latents else None,
-                              new_ids, text, out_images, out_latents, timer.summary())
+                              new_ids, text, out_images, out_latents, stop_reason=stop)
 
-    def _concat(self, per_branch_segments):
-        be = self.backend
-        rows = [be.concat_seq(segs) for segs in per_branch_segments]
-        return be.concat_batch(rows)
 
-    def _euler(self, cache, start, spec: _ImageSpec, grid, m_tokens, latents, rng, bsz, progress):
-        """The flow-matching loop on top of the prompt cache; image entries at start..start+M-1 are rewritten
-        every step (equivalent to the official append-and-crop) and kept after the last step."""
-        be, timer = self.backend, self.timer
-        c = latents.shape[1]
-        if spec.noise is not None:
-            noise = np.asarray(spec.noise, np.float32)
-            if noise.shape != (c, grid, grid):
-                raise InputError(f"noise must have shape {(c, grid, grid)}, got {noise.shape}")
-        else:
-            noise = rng.standard_normal((c, grid, grid), dtype=np.float32)
-        x = be.from_numpy(noise[None])
-        if spec.edit_latent is not None:
-            n = edit_steps(spec.steps)
-            if n < 1:
-                raise InputError("editing needs at least 2 steps")
-            ts = schedule(n, spec.alpha, t_start=0.1)
-            x = latents[:1] * 0.1 + x * 0.9         # unshifted 0.1 (§17.29)
-        else:
-            n = spec.steps
-            if n < 1:
-                raise InputError("steps must be >= 1")
-            ts = schedule(n, spec.alpha)
-        dts = euler_dts(ts)
-        for i in range(n):
-            with timer("vision_tokenizer"):
-                tok, pe = be.vision_tokenize(x)     # once per step, shared by both CFG branches
-            if bsz > 1:
-                tok, pe = be.repeat_batch(tok, bsz), be.repeat_batch(pe, bsz)
-            with timer("image_step"):
-                hs = be.backbone(cache, tok, start, None)
-            with timer("cfm_head"):
-                v = be.cfm_head(hs, pe, np.full((bsz,), ts[i], np.float32))
-            if bsz > 1:
-                v = v[1:2] + (v[0:1] - v[1:2]) * float(spec.cfg_scale)
-            x = x + v * float(dts[i])
-            if progress is not None:
-                progress(i + 1, n)
-        return x
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise InputError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+
+
+def _check_float(name: str, v, lo: float, hi: float, low_open: bool = False) -> None:
+    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(float(v))
+    if ok:
+        ok = (lo < float(v) if low_open else lo <= float(v)) and float(v) <= hi
+    if not ok:
+        raise InputError(f"{name} must be a finite number in {'(' if low_open else '['}{lo:g}, {hi:g}], got {v!r}")

@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import require_torch
-from .backend import Backend
+from ..errors import InputError, require_torch
+from .backend import IMAGE_STEP, Backend, check_mode
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -36,11 +36,16 @@ class TorchCache:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None):
+        """model: a CheersModel; device: 'cpu', 'cuda', 'cuda:1'; dtype: float32 (the parity reference), bfloat16 or
+        float16; threads: intra-op CPU threads for torch (see runtime.threads.set_torch_threads)."""
         torch = require_torch()
         self.torch = torch
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        from .threads import set_torch_threads
+
+        self.threads = set_torch_threads(threads)
         self.dtype = getattr(torch, DTYPES[dtype])
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -81,7 +86,8 @@ class TorchBackend(Backend):
         return TorchCache([mk() for _ in range(t.num_hidden_layers)], [mk() for _ in range(t.num_hidden_layers)])
 
     @_no_grad
-    def backbone(self, cache, embeds, start, mask: Optional[np.ndarray]):
+    def backbone(self, cache, embeds, start, mask: Optional[np.ndarray], mode: str):
+        check_mode(mode)
         torch = self.torch
         b, s, _ = embeds.shape
         if start + s > cache.max_len:
@@ -93,11 +99,9 @@ class TorchBackend(Backend):
         for i, (k, v) in enumerate(new):           # write by position: no reallocation
             cache.k[i][:b, :, start:start + s] = k
             cache.v[i][:b, :, start:start + s] = v
-        return hidden
-
-    @_no_grad
-    def logits(self, hidden_last):
-        return self.model.logits(hidden_last).detach().float().cpu().numpy()
+        if mode == IMAGE_STEP:
+            return hidden, None
+        return hidden, self.model.logits(hidden[:, -1]).detach().float().cpu().numpy()
 
     @_no_grad
     def cfm_head(self, hidden, patch_embeds, t):

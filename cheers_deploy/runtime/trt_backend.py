@@ -19,9 +19,10 @@ Design choices (docs/tensorrt.md):
   (128 x 32 x 32 floats for the official model at 512 px: 0.5 MiB). Keeping them on the host costs one small
   D2H (velocity) and one H2D (latent) per step and needs no kernel compiler on the device (CuPy/NVRTC are not
   part of a default JetPack install). Tokens, hidden states, the CFG batch and the KV cache never leave the GPU.
-* Arrays returned by a stage are views of that engine's output buffers, valid until the same stage runs again
-  (the pipeline consumes every stage output before it calls that stage again). Strided slices such as
-  ``hidden[:, -1]`` are copied.
+* Stage outputs belong to the caller: each is copied (device to device) out of the engine's persistent output
+  buffer. A device array fed to an engine is copied into that engine's persistent input buffer, so the addresses an
+  engine is bound to never change between calls (what lets a CUDA graph replay); only KV-cache buffers, which live
+  as long as the cache, are bound in place.
 * CUDA graphs: each stage call whose bindings (shapes, addresses, KV write position) repeat is captured on its
   second occurrence and replayed afterwards (image steps, cfm_head and the vision tokenizer inside the Euler
   loop). Host copies stay outside the graph. A change of shapes or addresses invalidates the graph; a stage whose
@@ -37,17 +38,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..engines import build as eb
-from ..engines import compat
+from .. import constants as C
 from ..errors import CheckpointError, CheersError, InputError
-from . import device_memory as dm
-from .backend import Backend, lookup_embeddings
-from .manifest import EMBED_FILE, Manifest, check_io
+from ..manifest import Manifest, check_io
+from ..trt import compat
+from ..trt import device_memory as dm
+from ..trt import layout as tl
+from ..trt import plugin as trt_plugin
+from .backend import IMAGE_STEP, check_mode
+from .graph_backend import GraphBackend
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("vae_encoder", "vision_tokenizer", "backbone", "cfm_head", "vae_decoder")
-SUPPORTED_LAYOUTS = ("static-buffer/new-entries",)
+GRAPHS = C.GRAPH_NAMES
 PRECISION_PREFERENCE = ("fp16", "bf16", "mixed", "int8", "fp32")
 CAPTURE_AFTER = 2            # capture a stage on the 2nd identical call (the 1st is TensorRT's warm-up enqueue)
 
@@ -55,9 +58,9 @@ CAPTURE_AFTER = 2            # capture a stage on the 2nd identical call (the 1s
 def available_precisions(workdir, identity: dict) -> List[str]:
     """Precisions with an engine folder built for this TensorRT version and GPU architecture."""
     out = []
-    for p in eb.PRECISIONS:
-        d = eb.engine_dir(workdir, p, identity["tensorrt"], identity["compute_capability"])
-        if (d / eb.ENGINE_MANIFEST).is_file():
+    for p in C.PRECISIONS:
+        d = tl.engine_dir(workdir, p, identity["tensorrt"], identity["compute_capability"])
+        if (d / C.ENGINE_MANIFEST).is_file():
             out.append(p)
     return out
 
@@ -65,7 +68,7 @@ def available_precisions(workdir, identity: dict) -> List[str]:
 class _Engine:
     """One deserialized engine: I/O metadata, a context per profile, persistent I/O buffers."""
 
-    def __init__(self, trt, name: str, engine, entry: dict):
+    def __init__(self, trt, name: str, engine, entry: tl.EngineEntry):
         self.trt, self.name, self.engine, self.entry = trt, name, engine, entry
         self.inputs: List[str] = []
         self.outputs: List[str] = []
@@ -74,7 +77,7 @@ class _Engine:
             t = engine.get_tensor_name(i)
             (self.inputs if engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT else self.outputs).append(t)
             self.dtypes[t] = dm.np_dtype(compat.trt_to_numpy_dtype(trt, engine.get_tensor_dtype(t)))
-        self.profiles = {p["name"]: int(p["index"]) for p in entry.get("profiles", [])} or {"default": 0}
+        self.profiles = {p["name"]: int(p["index"]) for p in entry.profiles} or {"default": 0}
         self.contexts: Dict[str, object] = {}
         self.in_bufs: Dict[str, dm.DeviceBuffer] = {}
         self.out_bufs: Dict[str, dm.DeviceBuffer] = {}
@@ -93,11 +96,11 @@ class _Engine:
             self.in_bufs[t] = dm.DeviceBuffer(self.in_bytes[t])
         return dm.DeviceArray(self.in_bufs[t], shape, self.dtypes[t], stream)
 
-    def output_view(self, t: str, shape, stream, tag=None) -> dm.DeviceArray:
-        return dm.DeviceArray(self.out_bufs[t], shape, self.dtypes[t], stream, tag=tag)
+    def output_view(self, t: str, shape, stream) -> dm.DeviceArray:
+        return dm.DeviceArray(self.out_bufs[t], shape, self.dtypes[t], stream)
 
 
-class TrtBackend(Backend):
+class TrtBackend(GraphBackend):
     name = "trt"
 
     def __init__(self, workdir, precision: Optional[str] = None, manifest: Optional[Manifest] = None,
@@ -109,16 +112,9 @@ class TrtBackend(Backend):
         $CHEERS_TRT_PLUGIN, the CMake build folder). cuda_graphs: capture repeated stage calls.
         allow_other_gpu: accept engines built on another GPU model of the same compute capability.
         (trt_module / identity replace TensorRT and the machine identity in tests.)"""
-        self.workdir = Path(workdir)
-        self.manifest = manifest if manifest is not None else Manifest.load(self.workdir)
-        if self.manifest.workdir is None:
-            self.manifest.workdir = self.workdir
-        self.manifest.check_files([])                     # embedding table + tokenizer files
-        where = f"workdir {self.workdir}"
-        cache = self.manifest.cache
-        if cache.get("layout") not in SUPPORTED_LAYOUTS:
-            raise CheckpointError(f"{where}: KV cache layout {cache.get('layout')!r} is not supported by this "
-                                  f"runtime ({', '.join(SUPPORTED_LAYOUTS)}); re-export with this version")
+        graphs = list(graphs)
+        # a deployment may delete the ONNX files once the engines are built: only the manifest entries are needed
+        self._open_workdir(workdir, manifest, graphs, graph_files=False)
         self.trt = trt_module if trt_module is not None else compat.import_tensorrt()
         dm.rt()                                           # cuda-python present (clear error otherwise)
         dm.set_device(device)
@@ -127,13 +123,12 @@ class TrtBackend(Backend):
             have = available_precisions(self.workdir, self.identity)
             precision = next((p for p in PRECISION_PREFERENCE if p in have), None)
             if precision is None:
-                eb.find_engine_dir(self.workdir, "fp16", self.identity, allow_other_gpu)   # raises, naming why
-        self.precision = eb.check_precision(precision)
-        self.engine_dir = eb.find_engine_dir(self.workdir, precision, self.identity, allow_other_gpu)
-        self.engine_manifest = eb.read_engine_manifest(self.engine_dir)
-        ems = self.engine_manifest.get("engines", {})
-        graphs = list(graphs)
-        missing = [g for g in graphs if g not in ems or not (self.engine_dir / ems[g]["file"]).is_file()]
+                tl.find_engine_dir(self.workdir, "fp16", self.identity, allow_other_gpu)   # raises, naming why
+        self.precision = tl.check_precision(precision)
+        self.engine_dir = tl.find_engine_dir(self.workdir, precision, self.identity, allow_other_gpu)
+        self.engine_manifest = tl.read_engine_manifest(self.engine_dir)
+        ems = self.engine_manifest.engines
+        missing = [g for g in graphs if g not in ems or not (self.engine_dir / ems[g].file).is_file()]
         if missing:
             raise CheckpointError(f"{self.engine_dir}: no engine for {', '.join(missing)}: run `cheers-deploy build "
                                   f"--workdir {self.workdir} --precision {precision}`")
@@ -146,7 +141,7 @@ class TrtBackend(Backend):
         self._runtime = runtime
         self.engines: Dict[str, _Engine] = {}
         for g in graphs:
-            path = self.engine_dir / ems[g]["file"]
+            path = self.engine_dir / ems[g].file
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise CheckpointError(f"TensorRT could not deserialize {path} (see the TensorRT log; built by another "
@@ -161,63 +156,51 @@ class TrtBackend(Backend):
             for mode, idx in e.profiles.items():
                 ctx = compat.create_user_managed_context(e.engine)
                 compat.set_context_memory(ctx, self.arena.ptr, compat.engine_device_memory_size(e.engine))
-                if not ctx.set_optimization_profile_async(idx, self.stream.ptr):
+                try:
+                    ok = ctx.set_optimization_profile_async(idx, self.stream.ptr)
+                except RuntimeError as exc:   # the real bindings raise; older ones return False
+                    raise CheersError(f"engine '{e.name}': cannot select optimization profile {idx} ({mode}): "
+                                      f"{exc}") from None
+                if not ok:
                     raise CheersError(f"engine '{e.name}': cannot select optimization profile {idx} ({mode})")
                 e.contexts[mode] = ctx
             self._size_buffers(e)
         self.stream.synchronize()
 
-        emb = self.manifest.data.get("embed_tokens", {}).get("file", EMBED_FILE)
-        self.embed_table = np.load(self.workdir / emb, mmap_mode="r")
-        self.max_context = self.manifest.max_context
-        self.tokens_per_image = int(self.manifest.image["tokens_per_image"])
-        self.num_layers = int(cache["num_layers"])
-        self.kv_heads, self.head_dim = int(cache["num_kv_heads"]), int(cache["head_dim"])
-        if "backbone" in self.engines:
-            bb = self.manifest.graph("backbone")
-            self._bb_in = [t["name"] for t in bb["inputs"][:3]]
-            self._bb_out = [t["name"] for t in bb["outputs"][:2]]
-            fmt = lambda key: [cache[key].format(i=i) for i in range(self.num_layers)]  # noqa: E731
-            self._past_k, self._past_v = fmt("past_key"), fmt("past_value")
-            self._present_k, self._present_v = fmt("present_key"), fmt("present_value")
         self._graphs: Dict[Tuple[str, str], dict] = {}
-        self._repeat: Dict[tuple, dm.DeviceArray] = {}
-        self._calls = 0
-        self._last = None
-        self._mask_memo = None
 
     # ------------------------------------------------------------------ loading checks
     def _check_fresh(self, graphs, ems):
         """Refuse an engine whose source graph was re-exported (or re-calibrated) after the build."""
         for g in graphs:
-            built = ems[g].get("source_id")
-            now = eb.source_id(self.manifest, g, self.precision) if built else None
+            built = ems[g].source_id
+            now = tl.source_id(self.manifest, g, self.precision) if built else None
             if built and now is not None and now != built:
                 raise CheckpointError(f"graph '{g}' ({now['file']}) changed after its engine was built: rebuild with "
                                       f"`cheers-deploy build --workdir {self.workdir} --precision {self.precision}`")
 
     def _load_plugin(self, graphs, ems, plugin_lib):
-        needs = [g for g in graphs if ems[g].get("fused_gates")]
+        needs = [g for g in graphs if ems[g].fused_gates]
         if not needs:
             return
-        recorded = (self.engine_manifest.get("plugin") or {}).get("path")
+        recorded = (self.engine_manifest.plugin or {}).get("path")
         cand = plugin_lib or (recorded if recorded and Path(recorded).is_file() else None) \
-            or compat.default_plugin_library()
+            or trt_plugin.default_plugin_library()
         if cand is None:
-            raise CheckpointError(f"the {', '.join(needs)} engine uses the {compat.PLUGIN_NAME} plugin, but no plugin "
+            raise CheckpointError(f"the {', '.join(needs)} engine uses the {C.PLUGIN_NAME} plugin, but no plugin "
                                   f"library was found (built from {recorded or 'engines/plugins/gated_residual'}): "
                                   f"pass plugin_lib= or set CHEERS_TRT_PLUGIN")
-        compat.load_plugin_library(cand)
+        trt_plugin.load_plugin_library(cand)
 
     def _check_engine_io(self, e: _Engine) -> None:
         entry = self.manifest.graph(e.name)
-        decl = {t["name"]: t["dtype"] for t in entry["inputs"] + entry["outputs"]}
+        decl = {t.name: t.dtype for t in entry.inputs + entry.outputs}
         # names, ranks and static sizes against the export manifest (dtypes follow the built precision)
         check_io(e.name, entry,
                  [(t, decl.get(t, e.dtypes[t].name), [d if d >= 0 else "?" for d in e.shape(t)]) for t in e.inputs],
                  [(t, decl.get(t, e.dtypes[t].name), [d if d >= 0 else "?" for d in e.shape(t)]) for t in e.outputs],
                  where=str(self.engine_dir))
-        built = {t["name"]: t["dtype"] for t in e.entry.get("inputs", []) + e.entry.get("outputs", [])}
+        built = e.entry.tensor_dtypes()
         for t, dt in e.dtypes.items():
             if t in built and built[t] != dt.name:
                 raise CheckpointError(f"{self.engine_dir}: engine '{e.name}' tensor '{t}' is {dt.name}, the engine "
@@ -243,12 +226,15 @@ class TrtBackend(Backend):
             e.out_bufs[t] = dm.DeviceBuffer(n)
 
     # ------------------------------------------------------------------ execution
-    def _bind_input(self, e: _Engine, t: str, value, static_key=None) -> dm.DeviceArray:
+    def _bind_input(self, e: _Engine, t: str, value, static_key=None, in_place: bool = False) -> dm.DeviceArray:
+        """The array the engine input `t` is bound to. KV-cache views (`in_place`) are bound as they are; any other
+        device array is copied into the engine's own input buffer (a stable, 256-byte aligned address); host arrays
+        are uploaded there, skipped when `static_key` says the buffer already holds them."""
         want = e.dtypes[t]
         if isinstance(value, dm.DeviceArray) and value.dtype == want:
-            if value.ptr % dm.ALIGN == 0:
-                return value                      # bound in place (zero copy)
-            view = e.input_view(t, value.shape, self.stream)   # TensorRT wants 256-byte aligned I/O addresses
+            if in_place and value.ptr % dm.ALIGN == 0:
+                return value
+            view = e.input_view(t, value.shape, self.stream)
             view.copy_from(value)
             e.static_inputs[t] = None
             return view
@@ -264,7 +250,7 @@ class TrtBackend(Backend):
         return view
 
     def _execute(self, graph: str, mode: str, feeds: Dict[str, object], static: Optional[Dict[str, object]] = None,
-                 post=None, post_key=None) -> Dict[str, dm.DeviceArray]:
+                 post=None, post_key=None, in_place: Sequence[str] = ()) -> Dict[str, dm.DeviceArray]:
         """Bind inputs (device arrays as they are, host arrays copied into the engine's input buffers unless their
         ``static`` key says the buffer already holds them), outputs (the engine's output buffers), run through
         ``_launch``; ``post(outs)`` enqueues follow-up device work (KV writes) that belongs to the same graph."""
@@ -275,7 +261,7 @@ class TrtBackend(Backend):
         for t in e.inputs:
             if t not in feeds:
                 raise InputError(f"graph '{graph}': no value for input '{t}'")
-            arr = self._bind_input(e, t, feeds[t], static.get(t))
+            arr = self._bind_input(e, t, feeds[t], static.get(t), t in in_place)
             if not ctx.set_input_shape(t, arr.shape):
                 idx = e.profiles[mode]
                 mn, _, mx = e.profile_shapes(t, idx)
@@ -334,10 +320,6 @@ class TrtBackend(Backend):
                 for (g, m), st in self._graphs.items()}
 
     # ------------------------------------------------------------------ host <-> backend
-    def from_numpy(self, a):
-        a = np.asarray(a)
-        return np.ascontiguousarray(a, np.float32) if np.issubdtype(a.dtype, np.floating) else a
-
     def to_numpy(self, a):
         if isinstance(a, dm.DeviceArray):
             out = a.to_numpy()
@@ -347,13 +329,7 @@ class TrtBackend(Backend):
     def repeat_batch(self, a, n):
         if not isinstance(a, dm.DeviceArray):
             return np.repeat(np.asarray(a), n, axis=0)
-        key = (a.ptr, a.shape, a.dtype.name, int(n))
-        out = self._repeat.get(key)
-        if out is None:
-            if len(self._repeat) > 16:
-                self._repeat.clear()
-            out = self._repeat[key] = dm.DeviceArray.empty((int(n),) + a.shape[1:], a.dtype, self.stream)
-        return dm.repeat_batch(a, n, out=out)
+        return dm.repeat_batch(a, n)
 
     def _embeds_dtype(self):
         e = self.engines.get("backbone")
@@ -372,38 +348,33 @@ class TrtBackend(Backend):
         return dm.concat(parts, axis=0, stream=self.stream, dtype=self._embeds_dtype())
 
     # ------------------------------------------------------------------ stages
-    def embed(self, ids):
-        return lookup_embeddings(self.embed_table, ids)
+    def _outputs(self, graph: str, outs: Dict[str, dm.DeviceArray]) -> List[dm.DeviceArray]:
+        """The engine outputs in manifest order, copied out of the engine's buffers (the caller owns them)."""
+        return [outs[n].copy() for n in self.manifest.graph(graph).output_names]
 
     def _run1(self, graph: str, *arrays):
         e = self.engines[graph]
-        mode = next(iter(e.profiles))
-        return self._execute(graph, mode, dict(zip(e.inputs, arrays)))
+        names = self.manifest.graph(graph).input_names
+        return self._execute(graph, next(iter(e.profiles)), dict(zip(names, arrays)))
 
     def vae_encode(self, pixels):
-        out = self._run1("vae_encoder", np.asarray(pixels, np.float32))
-        return self.to_numpy(next(iter(out.values())))
+        outs = self._run1("vae_encoder", np.asarray(pixels, np.float32))
+        return self.to_numpy(outs[self.manifest.graph("vae_encoder").output_names[0]])
 
     def vision_tokenize(self, latent):
-        outs = self._run1("vision_tokenizer", latent)
-        names = [t["name"] for t in self.manifest.graph("vision_tokenizer")["outputs"]]
-        return outs[names[0]], outs[names[1]]
+        tokens, embeds = self._outputs("vision_tokenizer", self._run1("vision_tokenizer", latent))
+        return tokens, embeds
 
     def cfm_head(self, hidden, patch_embeds, t):
-        e = self.engines["cfm_head"]
-        names = [x["name"] for x in self.manifest.graph("cfm_head")["inputs"]]
-        out = self._execute("cfm_head", next(iter(e.profiles)),
-                            dict(zip(names, (hidden, patch_embeds, np.asarray(t, np.float32)))))
-        return self.to_numpy(next(iter(out.values())))
+        outs = self._run1("cfm_head", hidden, patch_embeds, np.asarray(t, np.float32))
+        return self.to_numpy(outs[self.manifest.graph("cfm_head").output_names[0]])
 
     def vae_decode(self, latent):
-        out = self._run1("vae_decoder", latent)
-        return self.to_numpy(next(iter(out.values())))
+        outs = self._run1("vae_decoder", latent)
+        return self.to_numpy(outs[self.manifest.graph("vae_decoder").output_names[0]])
 
     def new_cache(self, batch, max_len):
-        if max_len > self.max_context:
-            raise InputError(f"{max_len} positions requested, more than the context of {self.max_context} the "
-                             f"engines were built for (re-export with a larger --max-context and rebuild)")
+        self._check_new_cache(max_len)
         e = self.engines["backbone"]
         batch_max = max(e.profile_shapes(self._bb_in[0], i)[2][0] for i in e.profiles.values())
         if batch > batch_max:
@@ -412,46 +383,15 @@ class TrtBackend(Backend):
         return dm.DeviceKVCache(batch, self.max_context, self.num_layers, self.kv_heads, self.head_dim, dtype,
                                 self.stream)
 
-    def _mode(self, s: int, mask) -> str:
-        profiles = self.engines["backbone"].profiles
-        if mask is None and s == 1 and "decode" in profiles:
-            return "decode"
-        if mask is None and s == self.tokens_per_image and "image_step" in profiles:
-            return "image_step"
-        return "prefill" if "prefill" in profiles else next(iter(profiles))
-
-    def _mask(self, b: int, s: int, start: int, total: int, mask: Optional[np.ndarray]):
-        """(B,1,S,T+S) bool over [cache slots 0..T-1, the S new positions] (as the ort backend) and a key that
-        identifies its content when it is the all-allowed mask (uploaded once per key)."""
-        if mask is None:
-            key = ("all", b, s, start, total)
-            if self._mask_memo is not None and self._mask_memo[0] == key:
-                return self._mask_memo[1], key
-            full = np.zeros((b, 1, s, total + s), dtype=bool)
-            full[..., :start] = True
-            full[..., total:] = True
-            self._mask_memo = (key, full)
-            return full, key
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape[-2:] != (s, start + s):
-            raise InputError(f"mask must have shape (S, start+S) = {(s, start + s)}, got {mask.shape}")
-        m = mask if mask.ndim == 3 else mask[None]
-        full = np.zeros((b, 1, s, total + s), dtype=bool)
-        full[:, 0, :, :start] = m[..., :start]
-        full[:, 0, :, total:] = m[..., start:]
-        return full, None
-
-    def backbone(self, cache: dm.DeviceKVCache, embeds, start, mask):
+    def backbone(self, cache: dm.DeviceKVCache, embeds, start, mask, mode):
+        check_mode(mode)
         b, s = int(embeds.shape[0]), int(embeds.shape[1])
         total = cache.max_len
-        if b > cache.batch:
-            raise InputError(f"batch {b} exceeds the cache batch {cache.batch}")
-        if start < 0 or start + s > total:
-            raise InputError(f"KV cache overflow: positions {start}..{start + s - 1} do not fit {total} slots")
-        mode = self._mode(s, mask)
-        pos = np.ascontiguousarray(np.broadcast_to(np.arange(start, start + s, dtype=np.int64), (b, s)))
-        full, mask_key = self._mask(b, s, start, total, mask)
-        feeds = dict(zip(self._bb_in, (embeds, pos, full)))
+        self._check_bounds(cache.batch, total, b, s, start)
+        profiles = self.engines["backbone"].profiles
+        profile = mode if mode in profiles else next(iter(profiles))     # an engine built with one profile
+        full, mask_key = self._attention_mask(b, s, start, total, mask)
+        feeds = dict(zip(self._bb_in, (embeds, self._positions(b, s, start), full)))
         for i in range(self.num_layers):
             feeds[self._past_k[i]] = cache.past(i, "key", b)
             feeds[self._past_v[i]] = cache.past(i, "value", b)
@@ -462,24 +402,12 @@ class TrtBackend(Backend):
                 cache.write(i, "key", outs[self._present_k[i]], start)
                 cache.write(i, "value", outs[self._present_v[i]], start)
 
-        self._calls += 1
-        call = ("hidden", self._calls)
-        outs = self._execute("backbone", mode, feeds, static=static, post=write_kv, post_key=("kv", start))
-        hidden = outs[self._bb_out[0]]
-        hidden.tag = call
-        self._last = {"tag": call, "b": b, "s": s, "shape": hidden.shape, "logits": outs[self._bb_out[1]]}
-        return hidden
-
-    def logits(self, hidden_last):
-        """The backbone engine already computed the last position's logits: reuse them when asked for
-        ``hidden[:, -1]`` of the latest backbone call, else project on the host with the (tied) embedding table."""
-        last = self._last
-        if isinstance(hidden_last, dm.DeviceArray) and last is not None:
-            want = (last["tag"], dm._norm_key((slice(None), -1), last["shape"]))
-            if hidden_last.tag == want:
-                return np.asarray(last["logits"].to_numpy(), dtype=np.float32)
-        h = self.to_numpy(hidden_last).astype(np.float32)
-        return h @ np.asarray(self.embed_table).T
+        outs = self._execute("backbone", profile, feeds, static=static, post=write_kv, post_key=("kv", start),
+                             in_place=self._past_k + self._past_v)
+        hidden = outs[self._bb_out[0]].copy()
+        if mode == IMAGE_STEP:
+            return hidden, None
+        return hidden, np.asarray(outs[self._bb_out[1]].to_numpy(), dtype=np.float32)
 
     def synchronize(self):
         self.stream.synchronize()
@@ -502,13 +430,12 @@ class TrtBackend(Backend):
                 "activation_arena_bytes": self.arena.nbytes,
                 "io_buffer_bytes": sum(sum(e.out_bytes.values()) + sum(e.in_bytes.values())
                                        for e in self.engines.values()),
-                "engines": {g: {"profiles": list(e.profiles), "plan_bytes": e.entry.get("size_bytes")}
+                "engines": {g: {"profiles": list(e.profiles), "plan_bytes": e.entry.size_bytes}
                             for g, e in self.engines.items()}}
 
 
 def engine_manifest_summary(workdir, precision: str, identity: dict) -> str:
     """One JSON line describing the engine folder this machine would load (for bug reports)."""
-    d = eb.find_engine_dir(workdir, precision, identity)
-    em = eb.read_engine_manifest(d)
-    return json.dumps({"dir": str(d), "tensorrt": em.get("tensorrt"), "gpu": em.get("gpu"),
-                       "engines": sorted(em.get("engines", {}))})
+    d = tl.find_engine_dir(workdir, precision, identity)
+    em = tl.read_engine_manifest(d)
+    return json.dumps({"dir": str(d), "tensorrt": em.tensorrt, "gpu": em.gpu, "engines": sorted(em.engines)})

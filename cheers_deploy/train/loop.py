@@ -1,4 +1,6 @@
 """The staged training recipe (ARCHITECTURE.md §14.4, scaled down) with resumable safetensors checkpoints.
+One file because the recipe and the Trainer's phases share the Trainer's state (model, pool, cached latents,
+optimizer, EMA) and read top to bottom; checkpoint files live in checkpointing.py, loss.png in plots.py.
 
     stage "vae"   : model.vae_model encoder+decoder, pixel reconstruction; then decoder -> decoder projector,
                     latent BatchNorm statistics from the training pool, pool latents cached (vae_model frozen)
@@ -15,30 +17,28 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_state_into, save_state
 from ..config import CheersConfig
 from ..errors import InputError
+from ..fileio import write_json
 from ..model.vae import normalize
 from ..world_tokenizer import train_world_tokenizer
+from .checkpointing import load_checkpoint, load_optimizer, read_state, save_checkpoint
 from .data import BatchBuilder, DataConfig, ShapesPool, dummy_pixels, prefetch
 from .objective import batch_to_device, cheers_loss, raw_latents, vae_loss
+from .plots import plot_losses
 
 STAGES = ("vae", "align", "joint")
 ALIGN_MODULES = ("und_projector", "gen_projector", "hi_gate", "hi_projector", "time_embed")  # + embed_tokens
-STATE_FILE = "trainer_state.json"
-TRAINER_DIR = "trainer"
 CSV_FIELDS = ("step", "stage", "loss", "text", "image", "image_gen", "rec_l1", "rec_l2", "lr", "grad_norm",
               "elapsed_s")
 
@@ -145,6 +145,15 @@ def trainable_parameters(model, stage: str) -> Dict[str, nn.Parameter]:
 
 
 class Trainer:
+    """Runs the recipe. The phases, in the order the code below goes through them:
+
+    1. `__init__`: recipe and model config, model (with the weights and counters of a resumed run), data, steps;
+    2. `run`: the stages in order, then the final checkpoint, loss.png and train_summary.json;
+    3. `_run_stage`: one stage's optimizer and step loop, with log rows and periodic checkpoints;
+    then the step helpers, `_finalize_vae` (between the "vae" stage and the next: decoder projector, BN statistics,
+    latent cache), the time-budget calibration, checkpoints (files in checkpointing.py) and the loss log."""
+
+    # ------------------------------------------------------------------ set-up
     def __init__(self, tcfg: TrainConfig, out_dir, device: str = "cpu", resume: bool = False,
                  progress: bool = True, model_config: Optional[CheersConfig] = None, log=print,
                  amp: Optional[bool] = None):
@@ -153,9 +162,10 @@ class Trainer:
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)   # bf16 autocast
         self.progress, self.log = progress, log
         self.start_step, self.vae_finalized, self.ema_steps = 0, False, 0
-        state = None
-        if resume and (self.out / STATE_FILE).is_file():  # the saved recipe wins
-            state = json.loads((self.out / STATE_FILE).read_text())
+
+        # ---- recipe and model config (a resumed run: the saved recipe wins)
+        state = read_state(self.out) if resume else None
+        if state is not None:
             tcfg = TrainConfig.from_dict(state["train_config"])
             model_config = CheersConfig.from_file(self.out / "config.json")
         self.tcfg = tcfg
@@ -172,6 +182,7 @@ class Trainer:
             raise InputError(f"the world tokenizer has {len(self.tokenizer)} ids but the model vocab is "
                              f"{self.cfg.text_config.vocab_size}")
 
+        # ---- model: seeded initialisation, then the checkpoint's weights and counters when resuming
         torch.manual_seed(tcfg.seed)
         from ..model import CheersModel
         model = CheersModel(self.cfg)
@@ -180,8 +191,9 @@ class Trainer:
         self.ema: Optional[Dict[str, torch.Tensor]] = None
         self.opt_state_file: Optional[Path] = None
         if state is not None:
-            self._load(state)
+            self._resume(state)
 
+        # ---- data: the rendered shapes pool, dummy images, the batch builder
         t0 = time.perf_counter()
         self.pool = ShapesPool(tcfg.data.pool_size, tcfg.data.seed, res)
         self.dummy_pix = dummy_pixels(tcfg.data.dummy_pool, res)
@@ -194,10 +206,153 @@ class Trainer:
                  f"batch {tcfg.batch_size} (S={self.builder.S}), {sum(p.numel() for p in self.model.parameters())/1e6:.2f}M "
                  f"params, device {self.device}")
         self.latents = self.dummy_latents = None
+
+        # ---- step count: a time budget becomes a number of steps once (a resumed run keeps its count)
         if tcfg.time_budget > 0 and state is None:
             tcfg.steps = self._calibrate_steps(tcfg.time_budget)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ run
+    def run(self, until: Optional[int] = None) -> dict:
+        """Train up to step `until` (default: the end) and checkpoint; a run stopped early can be resumed."""
+        tc = self.tcfg
+        until = tc.steps if until is None else min(int(until), tc.steps)
+        bounds = tc.stage_bounds()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=tc.steps, initial=self.start_step, dynamic_ncols=True, desc="train", unit="step")
+        self.t_start = time.perf_counter()
+        self._open_csv()
+        summary: dict = {"steps": tc.steps, "batch_size": tc.batch_size, "device": str(self.device),
+                         "stages": {k: list(v) for k, v in bounds.items()}}
+        try:
+            # ---- the stages in order; the VAE is finalised before the first stage that needs its latents
+            for stage in STAGES:
+                lo, hi = bounds[stage]
+                if stage != "vae" and not self.vae_finalized and self.start_step >= lo:
+                    self._finalize_vae()
+                hi_run = min(hi, until)
+                if hi_run <= self.start_step or hi <= lo:
+                    continue
+                begin = max(lo, self.start_step)
+                t0 = time.perf_counter()
+                with torch.enable_grad():          # the inference pipeline switches grad off process-wide
+                    self._run_stage(stage, lo, hi, begin, hi_run, bar)
+                dt = time.perf_counter() - t0
+                summary[stage] = {"steps": hi_run - begin, "seconds": round(dt, 2),
+                                  "ms_per_step": round(1e3 * dt / max(1, hi_run - begin), 2)}
+                self.start_step = hi_run
+            # ---- the end of the recipe: the final checkpoint (deployable weights, no optimizer)
+            if until >= tc.steps:
+                if not self.vae_finalized:
+                    self._finalize_vae()
+                self.save(tc.steps, "joint", None)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._csv_file.close()
+        # ---- loss.png and train_summary.json
+        self.plot()
+        summary["total_seconds"] = round(time.perf_counter() - self.t_start, 2)
+        write_json(self.out / "train_summary.json", summary)
+        return summary
+
+    def _run_stage(self, stage, lo, hi, begin, end, bar):
+        """Steps begin..end-1 of the stage spanning lo..hi-1 (schedules are relative to the whole stage)."""
+        tc = self.tcfg
+        params = trainable_parameters(self.model, stage)
+        names = list(params)
+        # ---- optimizer (its saved state when this stage resumes), latent cache, EMA
+        opt = self._optimizer(list(params.values()), tc.lr[stage])
+        if self.opt_state_file is not None:
+            load_optimizer(opt, names, self.opt_state_file, stage)
+            self.opt_state_file = None
+        if stage != "vae" and self.latents is None:
+            self._cache_latents()                      # vae_model is frozen from here on
+        if tc.ema > 0 and stage == "joint" and self.ema is None:
+            self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
+        n = hi - lo
+        acc: Dict[str, torch.Tensor] = {}
+        n_acc = 0
+        plist = list(params.values())
+        if stage == "vae":
+            steps = ((s, None) for s in range(begin, end))
+        else:
+            steps = prefetch(self.builder, begin, end, depth=3 if self.cuda else 0)
+        # ---- the steps: schedule, forward/backward, clip, update, EMA; a log row every `log_every` steps,
+        # a checkpoint every `save_every` steps and where the run stops before the end of the recipe
+        for step, batch in steps:
+            lr = lr_at(tc.lr[stage], step - lo, n, tc.warmup, tc.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with self._autocast():
+                if stage == "vae":
+                    out = vae_loss(self.model.model.vae_model, self._vae_pixels(step))
+                else:
+                    out = cheers_loss(self.model, batch_to_device(batch, self.device), self.latents,
+                                      self.dummy_latents, tc.image_weight)
+            out["loss"].backward()
+            gn = torch.nn.utils.clip_grad_norm_(plist, tc.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if self.ema is not None and stage == "joint":
+                self._ema_update()
+            for k, v in out.items():
+                acc[k] = acc.get(k, 0) + v.detach().float()
+            acc["grad_norm"] = acc.get("grad_norm", 0) + gn.detach().float()
+            n_acc += 1
+            done = step + 1
+            if n_acc == tc.log_every or done == end:
+                row = {k: float(v) / n_acc for k, v in acc.items()}
+                self._write_row(done, stage, row, lr)
+                if bar is not None:
+                    post = {"stage": stage, "loss": f"{row['loss']:.4f}"}
+                    if stage != "vae":
+                        post.update(text=f"{row['text']:.3f}", img=f"{row['image_gen']:.3f}")
+                    bar.set_postfix(post, refresh=False)
+                acc, n_acc = {}, 0
+            if bar is not None:
+                bar.update(1)
+            if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
+                self.save(done, stage, (opt, names))
+        if end < tc.steps:
+            self.save(end, stage, (opt, names))
+
+    # ------------------------------------------------------------------ step helpers
+    def _optimizer(self, params, lr):
+        tc = self.tcfg
+        kind = {"fused": True} if self.cuda else {"foreach": True}     # fused kernels on CUDA
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, **kind)
+
+    def _vae_pixels(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([int(self.tcfg.data.seed) & 0xFFFFFFFF, 0x0FAE, int(step)])
+        idx = rng.integers(len(self.pool), size=self.tcfg.batch_size)
+        pix = torch.from_numpy(self.pool.pixels(idx))
+        return pix.pin_memory().to(self.device, non_blocking=True) if self.cuda else pix
+
+    @torch.no_grad()
+    def _ema_update(self):
+        """ema = d*ema + (1-d)*param over the trainable parameters, d warmed up as min(decay, (1+n)/(10+n))."""
+        self.ema_steps += 1
+        d = min(self.tcfg.ema, (1 + self.ema_steps) / (10 + self.ema_steps))
+        if getattr(self, "_ema_pairs", None) is None:
+            pairs = [(self.ema[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self._ema_pairs = ([e for e, _ in pairs], [p for _, p in pairs])
+        ema, params = self._ema_pairs
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, params, alpha=1 - d)
+
+    def _autocast_off(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ vae -> latents (after the vae stage)
     def _finalize_vae(self):
         """Decoder -> decoder projector; BN statistics of the patchified training latents on both BNs."""
         inner = self.model.model
@@ -244,12 +399,15 @@ class Trainer:
                 out.append(fn(torch.from_numpy(pix).to(self.device)).float())
         return torch.cat(out)
 
-    def _autocast_off(self):
-        return torch.autocast(self.device.type, enabled=False)
+    def _cache_latents(self, raw=None):
+        """Normalised latents (x1) of the pool and of the dummy images, computed once (vae_model is frozen):
+        the patchified encoder means through the BatchNorm statistics, i.e. `model.vae_encode`."""
+        vae = self.model.model.vae_model
+        raw = self._raw_latents() if raw is None else raw
+        self.latents = normalize(raw, vae.bn)
+        self.dummy_latents = normalize(self._encode_pool(lambda x: raw_latents(vae, x), pixels=self.dummy_pix), vae.bn)
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
-
+    # ------------------------------------------------------------------ time budget
     def _calibrate_steps(self, budget: float) -> int:
         """Time a few VAE and joint steps on a throw-away copy of the model (random latents), then return the
         step count whose stage mix fits `budget` seconds (host batch building included, so it errs short)."""
@@ -290,251 +448,28 @@ class Trainer:
                  f"{steps} steps for a {budget:.0f}s budget")
         return steps
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def _cache_latents(self, raw=None):
-        """Normalised latents (x1) of the pool and of the dummy images, computed once (vae_model is frozen):
-        the patchified encoder means through the BatchNorm statistics, i.e. `model.vae_encode`."""
-        vae = self.model.model.vae_model
-        raw = self._raw_latents() if raw is None else raw
-        self.latents = normalize(raw, vae.bn)
-        self.dummy_latents = normalize(self._encode_pool(lambda x: raw_latents(vae, x), pixels=self.dummy_pix), vae.bn)
-
-    # ------------------------------------------------------------------ run
-    def run(self, until: Optional[int] = None) -> dict:
-        """Train up to step `until` (default: the end) and checkpoint; a run stopped early can be resumed."""
-        tc = self.tcfg
-        until = tc.steps if until is None else min(int(until), tc.steps)
-        bounds = tc.stage_bounds()
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=tc.steps, initial=self.start_step, dynamic_ncols=True, desc="train", unit="step")
-        self.t_start = time.perf_counter()
-        self._open_csv()
-        summary: dict = {"steps": tc.steps, "batch_size": tc.batch_size, "device": str(self.device),
-                         "stages": {k: list(v) for k, v in bounds.items()}}
-        try:
-            for stage in STAGES:
-                lo, hi = bounds[stage]
-                if stage != "vae" and not self.vae_finalized and self.start_step >= lo:
-                    self._finalize_vae()
-                hi_run = min(hi, until)
-                if hi_run <= self.start_step or hi <= lo:
-                    continue
-                begin = max(lo, self.start_step)
-                t0 = time.perf_counter()
-                with torch.enable_grad():          # the inference pipeline switches grad off process-wide
-                    self._run_stage(stage, lo, hi, begin, hi_run, bar)
-                dt = time.perf_counter() - t0
-                summary[stage] = {"steps": hi_run - begin, "seconds": round(dt, 2),
-                                  "ms_per_step": round(1e3 * dt / max(1, hi_run - begin), 2)}
-                self.start_step = hi_run
-            if until >= tc.steps:
-                if not self.vae_finalized:
-                    self._finalize_vae()
-                self.save(tc.steps, "joint", None)
-        finally:
-            if bar is not None:
-                bar.close()
-            self._csv_file.close()
-        self.plot()
-        summary["total_seconds"] = round(time.perf_counter() - self.t_start, 2)
-        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
-
-    def _run_stage(self, stage, lo, hi, begin, end, bar):
-        """Steps begin..end-1 of the stage spanning lo..hi-1 (schedules are relative to the whole stage)."""
-        tc = self.tcfg
-        params = trainable_parameters(self.model, stage)
-        names = list(params)
-        opt = self._optimizer(list(params.values()), tc.lr[stage])
-        if self.opt_state_file is not None:
-            self._load_optimizer(opt, names, stage)
-            self.opt_state_file = None
-        if stage != "vae" and self.latents is None:
-            self._cache_latents()                      # vae_model is frozen from here on
-        if tc.ema > 0 and stage == "joint" and self.ema is None:
-            self.ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()}
-        n = hi - lo
-        acc: Dict[str, torch.Tensor] = {}
-        n_acc = 0
-        plist = list(params.values())
-        if stage == "vae":
-            steps = ((s, None) for s in range(begin, end))
-        else:
-            steps = prefetch(self.builder, begin, end, depth=3 if self.cuda else 0)
-        for step, batch in steps:
-            lr = lr_at(tc.lr[stage], step - lo, n, tc.warmup, tc.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with self._autocast():
-                if stage == "vae":
-                    out = vae_loss(self.model.model.vae_model, self._vae_pixels(step))
-                else:
-                    out = cheers_loss(self.model, batch_to_device(batch, self.device), self.latents,
-                                      self.dummy_latents, tc.image_weight)
-            out["loss"].backward()
-            gn = torch.nn.utils.clip_grad_norm_(plist, tc.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if self.ema is not None and stage == "joint":
-                self._ema_update()
-            for k, v in out.items():
-                acc[k] = acc.get(k, 0) + v.detach().float()
-            acc["grad_norm"] = acc.get("grad_norm", 0) + gn.detach().float()
-            n_acc += 1
-            done = step + 1
-            if n_acc == tc.log_every or done == end:
-                row = {k: float(v) / n_acc for k, v in acc.items()}
-                self._write_row(done, stage, row, lr)
-                if bar is not None:
-                    post = {"stage": stage, "loss": f"{row['loss']:.4f}"}
-                    if stage != "vae":
-                        post.update(text=f"{row['text']:.3f}", img=f"{row['image_gen']:.3f}")
-                    bar.set_postfix(post, refresh=False)
-                acc, n_acc = {}, 0
-            if bar is not None:
-                bar.update(1)
-            if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
-                self.save(done, stage, (opt, names))
-        if end < tc.steps:
-            self.save(end, stage, (opt, names))
-
-    def _optimizer(self, params, lr):
-        tc = self.tcfg
-        kind = {"fused": True} if self.cuda else {"foreach": True}     # fused kernels on CUDA
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, **kind)
-
-    def _vae_pixels(self, step: int) -> torch.Tensor:
-        rng = np.random.default_rng([int(self.tcfg.data.seed) & 0xFFFFFFFF, 0x0FAE, int(step)])
-        idx = rng.integers(len(self.pool), size=self.tcfg.batch_size)
-        pix = torch.from_numpy(self.pool.pixels(idx))
-        return pix.pin_memory().to(self.device, non_blocking=True) if self.cuda else pix
-
-    @torch.no_grad()
-    def _ema_update(self):
-        """ema = d*ema + (1-d)*param over the trainable parameters, d warmed up as min(decay, (1+n)/(10+n))."""
-        self.ema_steps += 1
-        d = min(self.tcfg.ema, (1 + self.ema_steps) / (10 + self.ema_steps))
-        if getattr(self, "_ema_pairs", None) is None:
-            pairs = [(self.ema[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
-            self._ema_pairs = ([e for e, _ in pairs], [p for _, p in pairs])
-        ema, params = self._ema_pairs
-        torch._foreach_mul_(ema, d)
-        torch._foreach_add_(ema, params, alpha=1 - d)
-
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, stage: str, opt_names) -> None:
-        """Checkpoint after `step` completed steps. The deployable weights (EMA when enabled) go to
-        model.safetensors; raw weights (if different) and the optimizer to trainer/; trainer_state.json last."""
-        out, tdir = self.out, self.out / TRAINER_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        tdir.mkdir(exist_ok=True)
-        (out / STATE_FILE).unlink(missing_ok=True)             # an incomplete save is never resumed from
-        self.cfg.save(out / "config.json")
-        self.tokenizer.save(out)
-        res = self.cfg.vision_representation_config.image_size
-        (out / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "UMMImageProcessor", "processor_class": "UMMProcessor",
-            "scale_resolution": res, "patch_size": self.cfg.vision_representation_config.patch_size}, indent=2) + "\n")
-        if self.ema is not None:
-            save_state(self.model, tdir)                        # raw weights (resume)
-            with self._swapped(self.ema):
-                save_state(self.model, out)
-        else:
-            save_state(self.model, out)
-            (tdir / "model.safetensors").unlink(missing_ok=True)
-        opt_file = tdir / "optimizer.safetensors"
-        if opt_names is not None:
-            self._save_optimizer(*opt_names, opt_file, step, stage)
-        else:
-            opt_file.unlink(missing_ok=True)
+        """Checkpoint after `step` completed steps (checkpointing.save_checkpoint); `opt_names` = (optimizer,
+        parameter names) or None. loss.csv is flushed first: the checkpoint's fsync then covers the log."""
         csv_file = getattr(self, "_csv_file", None)
         if csv_file is not None and not csv_file.closed:
             csv_file.flush()
-        state = {"step": step, "stage": stage, "vae_finalized": self.vae_finalized, "ema_steps": self.ema_steps,
-                 "has_optimizer": opt_names is not None, "train_config": self.tcfg.to_dict(),
-                 "elapsed_s": round(time.perf_counter() - getattr(self, "t_start", time.perf_counter()), 2)}
-        # the state file names a complete checkpoint: flush everything to disk before writing it
-        for f in [out / "model.safetensors", tdir / "model.safetensors", opt_file, out / "loss.csv"]:
-            _fsync(f)
-        tmp = out / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        _fsync(tmp)
-        os.replace(tmp, out / STATE_FILE)
+        save_checkpoint(self.out, self.model, self.cfg, self.tokenizer, step=step, stage=stage,
+                        counters={"vae_finalized": self.vae_finalized, "ema_steps": self.ema_steps},
+                        train_config=self.tcfg.to_dict(), ema=self.ema, optimizer=opt_names,
+                        t_start=getattr(self, "t_start", None))
 
-    class _Swap:
-        def __init__(self, model, weights):
-            self.model, self.weights = model, weights
-
-        def __enter__(self):
-            self.backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    p.copy_(self.weights[n].to(p.dtype))
-
-        def __exit__(self, *exc):
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    p.copy_(self.backup[n])
-
-    def _swapped(self, weights):
-        return self._Swap(self.model, weights)
-
-    def _save_optimizer(self, opt, names: List[str], path: Path, step: int, stage: str):
-        from safetensors.torch import save_file
-
-        sd = opt.state_dict()
-        tensors = {}
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                v = v if torch.is_tensor(v) else torch.tensor(v)
-                tensors[f"{names[idx]}.{k}"] = v.detach().to("cpu").contiguous()
-        if self.ema is not None:
-            for n, v in self.ema.items():
-                tensors[f"ema.{n}"] = v.detach().to("cpu").contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"step": str(step), "stage": stage, "format": "pt"})
-        os.replace(tmp, path)
-
-    def _load_optimizer(self, opt, names: List[str], stage: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self.opt_state_file), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("stage") != stage:
-                return
-            state = {}
-            for idx, n in enumerate(names):
-                keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{n}.{k}" in f.keys()]
-                if keys:
-                    state[idx] = {k: f.get_tensor(f"{n}.{k}") for k in keys}
-        sd = opt.state_dict()
-        sd["state"] = state
-        opt.load_state_dict(sd)
-
-    def _load(self, state: dict):
+    def _resume(self, state: dict):
         """Resume: raw weights, EMA, counters; the optimizer is loaded when its stage starts."""
-        out, tdir = self.out, self.out / TRAINER_DIR
-        raw_dir = tdir if (tdir / "model.safetensors").is_file() else out
-        load_state_into(self.model, raw_dir)
-        self.start_step = int(state["step"])
-        self.vae_finalized = bool(state["vae_finalized"])
-        self.ema_steps = int(state.get("ema_steps", 0))
-        opt_file = tdir / "optimizer.safetensors"
-        if state.get("has_optimizer") and opt_file.is_file():
-            self.opt_state_file = opt_file
-            from safetensors import safe_open
-            with safe_open(str(opt_file), framework="pt") as f:
-                ema = {k[4:]: f.get_tensor(k).to(self.device) for k in f.keys() if k.startswith("ema.")}
-            if ema:
-                self.ema = ema
-        self.log(f"[train] resumed from {out} at step {self.start_step}")
+        resumed = load_checkpoint(self.out, state, self.model, self.device)
+        self.start_step, self.vae_finalized, self.ema_steps = resumed.step, resumed.vae_finalized, resumed.ema_steps
+        self.opt_state_file = resumed.optimizer_file
+        if resumed.ema is not None:
+            self.ema = resumed.ema
+        self.log(f"[train] resumed from {self.out} at step {self.start_step}")
 
-    # ------------------------------------------------------------------ logs
+    # ------------------------------------------------------------------ loss log
     def _open_csv(self):
         path = self.out / "loss.csv"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -568,56 +503,6 @@ class Trainer:
     def plot(self):
         """loss.png from loss.csv (matplotlib, Agg)."""
         plot_losses(self.out / "loss.csv", self.out / "loss.png")
-
-
-def _fsync(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-
-
-def plot_losses(csv_path, png_path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    ser = lambda key, stages: [(int(r["step"]), float(r[key])) for r in rows  # noqa: E731
-                               if r["stage"] in stages and r.get(key)]
-    ax = axes[0]
-    for key, label in (("loss", "total"), ("text", "text CE"), ("image", "flow MSE (all images)"),
-                       ("image_gen", "flow MSE (generation)")):
-        pts = ser(key, ("align", "joint"))
-        if pts:
-            ax.plot(*zip(*pts), label=label, lw=1)
-    bounds = {}
-    for r in rows:
-        bounds.setdefault(r["stage"], int(r["step"]))
-    for st, s in bounds.items():
-        ax.axvline(s, color="gray", ls=":", lw=0.8)
-        ax.text(s, 1.0, st, transform=ax.get_xaxis_transform(), fontsize=8, va="top")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title("Cheers losses (align + joint)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax = axes[1]
-    for key, label in (("rec_l1", "L1"), ("rec_l2", "L2")):
-        pts = ser(key, ("vae",))
-        if pts:
-            ax.plot(*zip(*pts), label=label, lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title("VAE reconstruction")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 def train(tcfg: TrainConfig, out_dir, device: str = "cpu", resume: bool = False, progress: bool = True,

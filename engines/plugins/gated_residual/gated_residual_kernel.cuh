@@ -22,7 +22,7 @@
 //  * gated_residual_stream_kernel<T, V>: any C (rows too wide for the register cache): same maths, re-reading the
 //    row from global memory (L1/L2-resident) in each phase instead of caching it.
 //
-// The launch-configuration rule (mirrored in Python by cheers_deploy.engines.plugin_build.kernel_launch_config):
+// The launch-configuration rule (mirrored in Python by cheers_deploy.build.plugin_build.kernel_launch_config):
 //   V   = 16 / sizeof(T) if C % that == 0 and all 7 array pointers are 16-byte aligned, else 1
 //   vpt = ceil(C / V / 32), rounded UP to the next entry of {1,2,3,4,5,6,8,9} (V > 1) or {1,2,4,8,16} (V == 1);
 //         a wider row -> stream kernel with the same V.

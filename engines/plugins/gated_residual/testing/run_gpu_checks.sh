@@ -3,7 +3,7 @@
 #   1. plugin host harness with real enqueues (FP32/FP16/BF16) against the TensorRT-free API subset
 #   2. the same harness under compute-sanitizer memcheck (if installed)
 #   3. tests/test_plugin_compile.py (kernel for every target arch, C launcher, plugin host logic)
-#   4. bench/gpu_kernel_check.py: correctness vs the float64 reference + timings, JSON to $RESULTS
+#   4. engines/plugins/gated_residual/testing/gpu_kernel_check.py: correctness vs the float64 reference + timings, JSON to $RESULTS
 # Usage: bash engines/plugins/gated_residual/testing/run_gpu_checks.sh [RESULTS_DIR]   (default: bench/results)
 set -uo pipefail
 RESULTS=${1:-bench/results}
@@ -41,8 +41,8 @@ fi
 echo "== 3. pytest tests/test_plugin_compile.py"
 $PY -m pytest tests/test_plugin_compile.py -q -rs -p no:cacheprovider 2>&1 | tail -n 8 || status=1
 
-echo "== 4. bench/gpu_kernel_check.py"
-PYTHONUNBUFFERED=1 $PY bench/gpu_kernel_check.py --backend all --out "$RESULTS/gated_residual_$(date +%F).json" \
+echo "== 4. engines/plugins/gated_residual/testing/gpu_kernel_check.py"
+PYTHONUNBUFFERED=1 $PY engines/plugins/gated_residual/testing/gpu_kernel_check.py --backend all --out "$RESULTS/gated_residual_$(date +%F).json" \
   || status=1
 rm -rf "$BUILD"
 echo "run_gpu_checks: status $status"

@@ -1,0 +1,222 @@
+"""Helpers shared by the commands: the help formatter, model arguments, loading a pipeline, writing a PNG, progress,
+timings, and what the user is told about a result (warnings, why there is no answer)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..fileio import atomic_path
+
+
+# --------------------------------------------------------------------------------------------------------- help
+def shows_default(value) -> bool:
+    """Whether an option's default is worth printing: not None/False/SUPPRESS, not an empty list or string."""
+    if value is None or value is False or value is argparse.SUPPRESS:
+        return False
+    return not (isinstance(value, (list, tuple, dict, set, str)) and len(value) == 0)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option with a default says it ("(default: X)" unless its help already names X as the default).
+    Descriptions and epilogs with explicit line breaks are printed as written; one-paragraph ones are wrapped."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or not (action.option_strings or action.nargs in (argparse.OPTIONAL,
+                                                                                   argparse.ZERO_OR_MORE)):
+            return text
+        d = action.default
+        if shows_default(d) and not ("default" in text.lower() and str(d) in text):
+            text = (text + " " if text else "") + "(default: %(default)s)"
+        return text
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and shows_default(action.default):
+            action = copy.copy(action)                     # argparse prints nothing for an option without help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def use_formatter(parser: argparse.ArgumentParser, formatter=HelpFormatter) -> None:
+    """Give `parser` and all its sub-command parsers the same help formatter."""
+    parser.formatter_class = formatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                use_formatter(sp, formatter)
+
+
+def threads_help() -> str:
+    from ..runtime.threads import physical_cores
+
+    return (f"CPU threads of torch / onnxruntime (default: the physical cores available to this process, "
+            f"{physical_cores()} here)")
+
+
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=threads_help())
+
+
+def check_threads(threads) -> None:
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be a positive integer, got {threads}")
+
+
+# --------------------------------------------------------------------------------------------------------- model
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model and backend")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH_OR_ID",
+                     help="checkpoint: a folder in the official layout or a Hugging Face Hub id such as "
+                          "ai9stars/Cheers (from the HF cache; HF_HUB_OFFLINE=1 honoured) (default: the bundled "
+                          "tiny-shapes model)")
+    src.add_argument("--workdir", metavar="DIR", help="exported graphs (cheers-deploy export) instead of a checkpoint")
+    g.add_argument("--revision", metavar="REV", default=None,
+                   help="with a Hub id in --checkpoint: the branch, tag or commit to use; pin a commit hash for "
+                        "reproducible runs (default: main)")
+    g.add_argument("--backend", choices=["torch", "ort", "trt"], default=None,
+                   help="torch for --checkpoint (default), ort for --workdir (default), trt for TensorRT engines")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="torch backend precision (float32 is the parity reference)")
+    g.add_argument("--providers", default=None,
+                   help="comma-separated onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    g.add_argument("--precision", default=None, metavar="P",
+                   help="with --workdir: which graphs/engines to run, fp32 (default), fp16, bf16, int8 or mixed "
+                        "(made by cheers-deploy calibrate / build)")
+    add_threads_arg(g)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the dummy image and sampling")
+
+
+def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str = "cpu",
+                        dtype: str = "float32"):
+    """The bundled model's exported graphs folder when a run should use it (no --checkpoint / --workdir and
+    nothing asks for torch), else None."""
+    if checkpoint is not None or workdir is not None or backend == "torch":
+        return None
+    if str(device) != "cpu" or dtype != "float32":          # torch-only options: the torch path
+        return None
+    from ..hub import bundled_workdir
+
+    return bundled_workdir()
+
+
+def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu", dtype: str = "float32",
+                  precision=None, providers=None, threads=None, revision=None):
+    """The pipeline a command line asks for. Without --checkpoint/--workdir: the bundled model, from its shipped
+    graphs on onnxruntime when the package has them (torch-free), else from its checkpoint on torch."""
+    from ..runtime.pipeline import Pipeline
+
+    check_threads(threads)
+    if revision is not None and (workdir is not None or checkpoint is None):
+        raise InputError("--revision pins a Hugging Face Hub model: use it with --checkpoint OWNER/NAME")
+    bundled = uses_bundled_graphs(checkpoint, workdir, backend, device, dtype)
+    if bundled is not None:
+        workdir = bundled
+    if workdir is not None:
+        kw = {}
+        if providers:
+            kw["providers"] = providers.split(",") if isinstance(providers, str) else list(providers)
+        if precision and precision != "fp32":
+            kw["precision"] = precision
+        return Pipeline.from_workdir(workdir, backend=backend or "ort", threads=threads, **kw)
+    if precision:
+        raise InputError("--precision selects exported graphs: use it with --workdir (for torch use --dtype)")
+    if backend not in (None, "torch"):
+        raise InputError(f"--backend {backend} needs --workdir (export the checkpoint first)")
+    return Pipeline.from_pretrained(checkpoint, backend="torch", device=device, dtype=dtype, threads=threads,
+                                    revision=revision)
+
+
+def load_pipeline(args):
+    return open_pipeline(args.checkpoint, args.workdir, args.backend, args.device, args.dtype, args.precision,
+                         args.providers, args.threads, args.revision)
+
+
+def is_bundled(args) -> bool:
+    """Whether the run used the bundled tiny-shapes model."""
+    if getattr(args, "checkpoint", None) is None and getattr(args, "workdir", None) is None:
+        return True
+    from ..hub import bundled_checkpoint, bundled_workdir
+
+    picked = args.checkpoint if args.checkpoint is not None else args.workdir
+    try:
+        here = Path(picked).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+    return here in {p.resolve() for p in (bundled_checkpoint(), bundled_workdir()) if p is not None}
+
+
+# --------------------------------------------------------------------------------------------------------- output
+def check_out(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out must be a .png file, got {out}")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; pass --overwrite to replace it")
+    if out.parent and not out.parent.exists():
+        raise InputError(f"output folder does not exist: {out.parent}")
+    return out
+
+
+def write_png(image, out: Path):
+    """Write atomically: a failed run leaves no partial file behind."""
+    from PIL import Image
+
+    with atomic_path(out) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = {"b": None}
+
+    def cb(i, n):
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=n, desc=desc, unit="step", file=sys.stderr, leave=False)
+        bar["b"].update(1)
+        if i == n:
+            bar["b"].close()
+            bar["b"] = None
+    return cb
+
+
+def print_timings(timings):
+    if not timings:
+        return
+    print("stage timings:", file=sys.stderr)
+    for k, v in timings.items():
+        print(f"  {k:18s} {v['calls']:5d} calls  {v['mean_ms']:9.2f} ms/call  {v['total_s']:8.3f} s", file=sys.stderr)
+
+
+def print_warnings(res) -> None:
+    """The result's warnings (e.g. words the model never saw), one `warning: ...` line each, on stderr."""
+    for w in getattr(res, "warnings", None) or []:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+BUNDLED_USE = ("the bundled tiny-shapes model does not chat: it answers questions about an image "
+               "(cheers-deploy ask --image IMG --question \"what color is the shape?\") and draws shapes "
+               "(cheers-deploy generate --prompt \"a red circle on the left\" --out x.png)")
+OTHER_USE = ("for a picture use cheers-deploy generate --prompt ... --out x.png; ask and chat only return text")
+
+
+def explain_empty_answer(pipe, res, bundled: bool) -> None:
+    """One `note: ...` line on stderr when an answer came back empty, saying why and what to do instead."""
+    if (res.text or "").strip():
+        return
+    reason = pipe.describe_stop(res.stop_reason) if res.stop_reason else "unknown"
+    if res.stop_reason == "image_start":
+        print(f"note: no text: {reason}; {BUNDLED_USE if bundled else OTHER_USE}", file=sys.stderr)
+    else:
+        print(f"note: the answer is empty ({reason})", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Stand-ins for hardware runtimes, shared by the tests (not tests themselves)."""
