@@ -25,7 +25,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cheers_deploy", "cheers_deploy.*"]),
-    package_data={"cheers_deploy": ["assets/*/*", "assets/*.json"]},
+    # assets/<model>/graphs: the bundled model's exported fp32 graphs (tools/make_bundled_graphs.py), so a torch-free
+    # install runs it with no export step
+    package_data={"cheers_deploy": ["assets/*/*", "assets/*.json", "assets/*/graphs/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=BASE,

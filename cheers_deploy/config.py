@@ -1,6 +1,6 @@
 """Cheers configuration: dataclasses that read and write the official ``config.json`` schema.
 
-Absent fields take the official class defaults (ARCHITECTURE.md §1), which differ from the
+Absent fields take the official class defaults (docs/architecture.md §1), which differ from the
 released values in several places (for example ``num_hidden_layers`` of the text model is absent
 from the released file and defaults to 28). Unknown keys are kept and written back unchanged.
 No torch here: the runtime reads the same config.
@@ -128,7 +128,7 @@ class CheersConfig:
         return 2 ** (len(self.vae_encoder_config.ch_mult) - 1)
 
     def check(self) -> None:
-        """The couplings of ARCHITECTURE.md §1.5 / §19.1 that the sampler relies on."""
+        """The couplings of docs/architecture.md §1.5 / §19.1 that the sampler relies on."""
         enc, dec = self.vae_encoder_config, self.vae_decoder_config
         if enc.z_channels != dec.z_channels:
             raise CheckpointError(f"config: vae encoder z_channels {enc.z_channels} != decoder {dec.z_channels}")
@@ -206,7 +206,7 @@ class CheersConfig:
         return cls.from_dict(PRESETS[name])
 
 
-# The released config.json (ARCHITECTURE.md §1), i.e. ~2.8B stored values.
+# The released config.json (docs/architecture.md §1), i.e. ~2.8B stored values.
 _OFFICIAL = {
     "architectures": ["Cheers"],
     "model_type": "umm",

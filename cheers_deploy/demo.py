@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(f"  {'stage':18s} {'calls':>6s} {'ms/call':>10s}")
     merged = dict(gen_t)
     for k, v in ans.timings.items():
-        if k in ("prefill", "decode", "lm_head"):
+        if k in ("prefill", "decode"):
             merged[f"{k} (ask)"] = v
     for k, v in merged.items():
         print(f"  {k:18s} {v['calls']:6d} {v['mean_ms']:10.2f}")

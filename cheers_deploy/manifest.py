@@ -6,6 +6,9 @@ Runtimes read names and shapes from here and check them against what they load, 
 tensor name (onnxruntime-genai's genai_config.json plays the same role). The file stays plain JSON for other tools;
 `Manifest.load` validates it field by field (one error naming the file and the field) and turns it into the
 dataclasses below; keys this version does not know are kept and written back unchanged. No torch, no onnx.
+
+One file (over 400 lines) because it is one schema: the dataclasses of manifest.json and the reader that
+validates them share their field names and error messages.
 """
 
 from __future__ import annotations

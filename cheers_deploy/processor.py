@@ -1,4 +1,4 @@
-"""Chat template (ARCHITECTURE.md §15.2), prompt ids for every mode (§13) and image preprocessing (§15.3).
+"""Chat template (docs/architecture.md §15.2), prompt ids for every mode (§13) and image preprocessing (§15.3).
 
 Numpy + Pillow only; reproduces the official UMMProcessor bit for bit on the reference set.
 """

@@ -1,4 +1,4 @@
-"""Qwen2 byte-level BPE tokenizer with the five Cheers tokens (ARCHITECTURE.md §15.1, §19.5).
+"""Qwen2 byte-level BPE tokenizer with the five Cheers tokens (docs/architecture.md §15.1, §19.5).
 
 Loads `tokenizer.json` or rebuilds the official tokenizer from `vocab.json` + `merges.txt`; no transformers needed.
 """

@@ -1,4 +1,4 @@
-"""A small byte-level BPE for the shapes world, in the official Qwen2 layout (ARCHITECTURE.md §15, §19.5).
+"""A small byte-level BPE for the shapes world, in the official Qwen2 layout (docs/architecture.md §15, §19.5).
 
 Same normaliser, pre-tokeniser regex and byte-level mapping as the official tokenizer, trained on the
 world's texts and the chat-template words so that every world word is one token (with and without its

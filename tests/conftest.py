@@ -2,8 +2,13 @@
 random tiny checkpoints in the official layout (single file and sharded, same weights).
 
 Nothing here imports torch at module level, so the torch-free tests still collect on a base install."""
+import os
 import subprocess
 import sys
+
+# OpenMP threads sleep while they wait (what the package sets before its own torch import): on a busy machine,
+# spinning threads made torch tests ~10x slower. Set here because a test may import torch before the package does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Checkpoint loading/saving in the official layout: sharded vs single file, save/load round trip, clear
 errors for every way a checkpoint can be broken, config.json round trip and defaults, and the official
-preset's parameter count against ARCHITECTURE.md §16.6."""
+preset's parameter count against docs/architecture.md §16.6."""
 import json
 import os
 from pathlib import Path
@@ -291,7 +291,7 @@ def test_config_absent_fields_take_official_class_defaults(reference_dir):
 
 # ---------------------------------------------------------------------------------------------------- counts
 
-# ARCHITECTURE.md §16.6
+# docs/architecture.md §16.6
 OFFICIAL_COUNTS = {
     "model.vae_model.encoder": 34_425_856,
     "model.vae_model.decoder": 49_620_259,

@@ -197,6 +197,15 @@ def test_revision_needs_a_hub_id(capsys, tmp_path):
     assert rc == 2 and one_line_error(err, "--revision", "--checkpoint")
     rc, out, err = run(capsys, "chat", "--prompt", "hi", "--revision", "main", "--checkpoint", str(tmp_path))
     assert rc == 2 and one_line_error(err, "--revision")
+    rc, out, err = run(capsys, "export", "--out", str(tmp_path / "wd"), "--revision", "main")
+    assert rc == 2 and one_line_error(err, "--revision", "--checkpoint")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_doctor_reports_threads_bundled_model_and_hub(capsys):
+    rc, out, err = run(capsys, "doctor")
+    assert rc == 0
+    assert "cpu threads" in out and "bundled model" in out and "hf hub" in out
 
 
 # ----------------------------------------------------------------------------------------------------- bundled model

@@ -1,5 +1,5 @@
 """The GPU step benchmark, checked on the CPU with the tiny preset: every eager variant of the ablation runs the
-same maths (float32 latents agree with the official naive loop and with Pipeline._euler), the analytic floor
+same maths (float32 latents agree with the official naive loop and with Pipeline.denoise), the analytic floor
 counts the FLOPs torch's FlopCounterMode counts and the parameters the model holds, and the CLI writes its
 report. The CUDA path (graph capture, recapture, Triton gate) runs only where a GPU is present."""
 import json
@@ -77,13 +77,16 @@ def test_switches_set_the_model_options(bench):
 
 
 def test_batched_runner_is_the_pipeline_loop(bench):
-    """The benchmark's batched step is Pipeline._euler: run the package's own loop on the same cache."""
-    from cheers_deploy.runtime.backend import StageTimer
-    from cheers_deploy.runtime.pipeline import Pipeline, _ImageSpec
+    """The benchmark's batched step is Pipeline.denoise: run the package's own loop on the same cache."""
+    from cheers_deploy.runtime.observer import StageTimer
+    from cheers_deploy.runtime.pipeline import ImageSettings, Pipeline, _Observers, _Request
     pipe = Pipeline.__new__(Pipeline)
-    pipe.backend, pipe.timer = bench.be, StageTimer(bench.be)
-    spec = _ImageSpec(STEPS, bench.cfg_scale, bench.alpha, bench.x0[0].numpy())
-    x_pipe = pipe._euler(bench.cache, bench.S, spec, bench.g, bench.M, bench.x0, None, 2, None)
+    pipe.backend, pipe.timings, pipe._obs = bench.be, False, _Observers([StageTimer()])
+    req = _Request([], [], None, 0, ImageSettings(STEPS, bench.cfg_scale, bench.alpha, bench.x0[0].numpy()),
+                   1, 0.0, 1.0)
+    req.cache, req.length, req.bsz = bench.cache, bench.S, 2
+    req.latents, req.grid, req.m_tokens = bench.x0, bench.g, bench.M
+    x_pipe = pipe.denoise(req)
     x_ours = gs.parity_latent(gs.BatchedRunner(bench), bench, STEPS)
     assert float((x_pipe - x_ours).abs().max()) == 0.0
 
@@ -134,7 +137,7 @@ def test_param_counts_match_the_model(preset):
            "gen_projector": count(inner.gen_projector), "hi_gate": count(inner.hi_gate),
            "hi_projector": count(inner.hi_projector)}
     assert floor.component_params(cfg) == got
-    if preset == "cheers-official":                 # ARCHITECTURE.md §16.6
+    if preset == "cheers-official":                 # docs/architecture.md §16.6
         assert sum(got.values()) == 2_571_337_735
         assert got["language_model"] == 1_543_714_304 and got["vision_tower"] == 413_534_448
 

@@ -1,5 +1,5 @@
 """Parity with the OFFICIAL Cheers implementation on the official-tiny reference set
-(shared/reference/official-tiny: checkpoint rebuilt from its recipe, arrays in reference.npz).
+(tests/data/official-tiny: checkpoint rebuilt from its recipe, arrays in reference.npz).
 
 End to end: greedy ids of i2t / t2t / t2i identical, the t2i latent and image within the README bounds, and
 the internals the pipeline passes around (prefill masks and embeddings, step-0 logits, prompt KV cache, the

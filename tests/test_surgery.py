@@ -85,7 +85,7 @@ def cfm_head(tiny_ckpt, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("surgery-export")
     man = export_all(tiny_ckpt, out, graphs=["cfm_head"], progress=False, max_context=64)
-    return onnx.load(str(out / man.graph("cfm_head")["file"])), out / man.graph("cfm_head")["file"]
+    return onnx.load(str(out / man.graph("cfm_head").file)), out / man.graph("cfm_head").file
 
 
 def _quantize_weights_dq(model, per_axis_w2=True, act_qdq_first_gemm=True):

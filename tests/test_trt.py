@@ -3,13 +3,15 @@ errors, and the build -> TrtBackend -> pipeline path.
 
 * Tests marked `trt` need TensorRT (+ Polygraphy, cuda-python and a CUDA GPU): they skip with the reason when it
   is absent and run when it is present (`pytest.importorskip("tensorrt")`).
-* Everything else runs here. The build orchestration and the backend's bookkeeping (contexts per profile,
-  shared activation arena, device KV cache written by position, CUDA-graph capture/replay, logits reuse) also run
-  end to end against `FakeTrt` + `FakePolygraphy` (engines that execute the exported graphs with ONNX Runtime,
-  reading and writing the bound addresses) on `FakeCudart` host memory, and must equal the ort backend.
+* Everything else runs here. The build orchestration and the backend's bookkeeping (a context per profile, the
+  profile picked by the pipeline's mode, shared activation arena, device KV cache written by position and bound
+  in place, stage outputs copied out for the caller, CUDA-graph capture/replay) also run end to end against
+  `FakeTrt` + `FakePolygraphy` (tests/fakes/trt.py: engines that execute the exported graphs with ONNX Runtime,
+  reading and writing the bound addresses) on `FakeCudart` host memory (tests/fakes/cuda.py), and must equal the
+  ort backend.
 """
 import copy
-import ctypes
+import functools
 import json
 import os
 import shutil
@@ -25,28 +27,41 @@ from cheers_deploy import constants as C
 from cheers_deploy.trt import plugin as trt_plugin
 from cheers_deploy.build import engines as eb
 from cheers_deploy.trt import compat
-from cheers_deploy.errors import CheckpointError, InputError, MissingDependencyError
-from cheers_deploy.export.specs import graph_specs
-from cheers_deploy.trt import device_memory as dm
+from cheers_deploy.errors import CheckpointError, CheersError, InputError, MissingDependencyError
+from cheers_deploy.export.specs import graph_specs, past_name, present_name
+from cheers_deploy.manifest import Manifest, PrecisionVariant
 
-from fakes.cuda import FakeCudart  # noqa: E402  (tests/ is on sys.path)
+from fakes import trt as fake_trt  # noqa: E402  (tests/ is on sys.path)
+from fakes.trt import FakeContext, FakePolygraphy, FakeTrt  # noqa: E402
+from helpers import export_tiny  # noqa: E402
 
-IDENT = {"tensorrt": "10.3.0.30", "gpu": "Fake Orin", "compute_capability": "8.7"}
+IDENT = fake_trt.identity()          # {"tensorrt": "10.3.0.30", "gpu": "Fake Orin", "compute_capability": "8.7"}
 
 
 # =====================================================================================================================
 # helpers: a minimal exported-looking workdir (no torch) and the real tiny export
 # =====================================================================================================================
 def _fake_workdir(tmp_path, tiny_config, files=True) -> Path:
-    """manifest.json written from the GraphSpecs (what export_all writes, minus provenance) + empty graph files."""
+    """manifest.json written from the GraphSpecs (what export_all writes, minus provenance) + empty graph files;
+    the JSON must load as a typed Manifest."""
     wd = tmp_path / "wd"
     wd.mkdir()
     specs = graph_specs(tiny_config, 64, batch_max=2, max_context=128)
+    spec = next(iter(specs.values()))
+    t = tiny_config.text_config
     graphs = {n: dict(s.to_manifest(), file=f"{n}.onnx", external_data=None) for n, s in specs.items()}
     man = {"format": "cheers-deploy-manifest/1", "precision": "fp32", "graphs": graphs, "max_context": 128,
-           "config": tiny_config.to_dict(), "image": {"resolution": 64, "tokens_per_image": 4},
-           "cache": {"layout": "static-buffer/new-entries"}}
+           "batch_max": 2, "config": tiny_config.to_dict(),
+           "image": {"resolution": 64, "patch_size": tiny_config.vision_representation_config.patch_size,
+                     "latent_grid": spec.grid, "latent_channels": tiny_config.latent_channels,
+                     "tokens_per_image": spec.tokens_per_image},
+           "cache": {"layout": C.CACHE_LAYOUT, "num_layers": t.num_hidden_layers,
+                     "num_kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
+                     "past_key": past_name("{i}", "key"), "past_value": past_name("{i}", "value"),
+                     "present_key": present_name("{i}", "key"), "present_value": present_name("{i}", "value"),
+                     "max_context": 128}}
     (wd / "manifest.json").write_text(json.dumps(man))
+    assert Manifest.load(wd).image.tokens_per_image == 4
     if files:
         for n in graphs:
             (wd / f"{n}.onnx").write_bytes(b"")
@@ -56,8 +71,6 @@ def _fake_workdir(tmp_path, tiny_config, files=True) -> Path:
 @pytest.fixture(scope="module")
 def tiny_workdir(tiny_ckpt, tmp_path_factory):
     pytest.importorskip("torch")
-    from test_export import export_tiny
-
     return export_tiny(tiny_ckpt, tmp_path_factory.getbasetemp())
 
 
@@ -98,11 +111,11 @@ def test_version_helpers():
 # =====================================================================================================================
 # compatibility refusal (fake identities)
 # =====================================================================================================================
-def _em(**kw):
+def _em(**kw) -> tl.EngineManifest:
     em = {"format": C.ENGINE_FORMAT, "precision": "fp16", "tensorrt": "10.3.0.30",
           "gpu": {"name": "Fake Orin", "compute_capability": "8.7"}, "engines": {}}
     em.update(kw)
-    return em
+    return tl.EngineManifest.from_dict(em, "test engine manifest")
 
 
 def test_compat_same_machine_is_fine():
@@ -152,8 +165,6 @@ def test_find_engine_dir(tmp_path):
 # profiles and sources from the manifest
 # =====================================================================================================================
 def test_profiles_derived_from_the_manifest(tmp_path, tiny_config):
-    from cheers_deploy.manifest import Manifest
-
     wd = _fake_workdir(tmp_path, tiny_config)
     man = Manifest.load(wd)
     bb = eb.profiles_for(man.graph("backbone"), "backbone")
@@ -168,32 +179,32 @@ def test_profiles_derived_from_the_manifest(tmp_path, tiny_config):
     assert [m for m, _ in head] == ["default"] and head[0][1]["t"] == ((1,), (2,), (2,))
 
     broken = copy.deepcopy(man.graph("cfm_head"))
-    del broken["profiles"]["default"]["t"]
+    del broken.profiles["default"]["t"]
     with pytest.raises(CheckpointError, match="no shapes for input 't'"):
         eb.profiles_for(broken, "cfm_head")
     broken = copy.deepcopy(man.graph("cfm_head"))
-    broken["profiles"]["default"]["t"] = [[2], [1], [2]]
+    broken.profiles["default"]["t"] = [[2], [1], [2]]
     with pytest.raises(CheckpointError, match="not ordered"):
         eb.profiles_for(broken, "cfm_head")
     broken = copy.deepcopy(man.graph("vae_decoder"))
     for k in range(3):
-        broken["profiles"]["default"]["latent"][k][1] = 7             # a static dim (channels) changed
+        broken.profiles["default"]["latent"][k][1] = 7                # a static dim (channels) changed
     with pytest.raises(CheckpointError, match="static"):
         eb.profiles_for(broken, "vae_decoder")
 
 
 def test_graph_source_per_precision(tmp_path, tiny_config):
-    from cheers_deploy.manifest import Manifest
-
     wd = _fake_workdir(tmp_path, tiny_config)
     man = Manifest.load(wd)
     assert tl.graph_source(man, "backbone", "fp32") == (wd / "backbone.onnx", None)
     with pytest.raises(CheckpointError) as exc:
         tl.graph_source(man, "backbone", "fp16")
-    assert "cheers-deploy calibrate" in str(exc.value) and "--precision fp32" in str(exc.value)
-    with pytest.raises(CheckpointError, match="calibration data"):
+    assert "cheers-deploy calibrate convert" in str(exc.value) and "--precision fp16" in str(exc.value)
+    assert "--precision fp32" in str(exc.value)                      # or build what exists
+    with pytest.raises(CheckpointError) as exc:                         # int8 needs calibration data first
         tl.graph_source(man, "backbone", "int8")
-    man.graph("backbone")["precisions"] = {"int8": {"file": "int8/backbone.onnx", "external_data": None}}
+    assert "cheers-deploy calibrate capture" in str(exc.value) and "calibrate quantize" in str(exc.value)
+    man.graph("backbone").precisions = {"int8": PrecisionVariant("int8/backbone.onnx", None)}
     with pytest.raises(CheckpointError, match="missing backbone.onnx"):
         tl.graph_source(man, "backbone", "int8")
     (wd / "int8").mkdir()
@@ -263,270 +274,25 @@ def test_trt_backend_without_tensorrt(tmp_path, tiny_config, monkeypatch):
     from cheers_deploy.runtime.trt_backend import TrtBackend
 
     wd = _fake_workdir(tmp_path, tiny_config)
-    for f in ("embed_tokens.npy", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+    np.save(wd / C.EMBED_FILE, np.zeros((8, 64), np.float32))
+    for f in C.TOKENIZER_FILES:
         (wd / f).write_bytes(b"")
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
         TrtBackend(wd)
 
 
 # =====================================================================================================================
-# fake TensorRT / Polygraphy: engines that run the graphs with ONNX Runtime on the bound addresses
+# fake TensorRT / Polygraphy / cudart behind the package (tests/fakes/trt.py, tests/fakes/cuda.py)
 # =====================================================================================================================
-class _DT:
-    def __init__(self, name):
-        self.name = name
-
-
-_ORT_TO_DT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(bool)": "BOOL",
-              "tensor(int32)": "INT32"}
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "BOOL": np.bool_, "INT32": np.int32}
-
-
-class FakeEngine:
-    def __init__(self, trt, plan: dict):
-        import onnx
-        import onnxruntime as ort
-
-        from cheers_deploy.build import surgery
-
-        self.trt, self.plan = trt, plan
-        model = onnx.load(plan["onnx"])
-        self.fused = surgery.count_plugin_nodes(model)
-        if self.fused:                                   # the "plugin": its reference function, run by ORT
-            surgery.attach_reference_function(model)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        self.io = [(i.name, "INPUT", i) for i in self.sess.get_inputs()] + \
-                  [(o.name, "OUTPUT", o) for o in self.sess.get_outputs()]
-        self.profiles = plan["profiles"]
-        self.num_io_tensors = len(self.io)
-        self.num_optimization_profiles = len(self.profiles)
-        self.device_memory_size_v2 = 4096 * (1 + len(self.profiles))
-
-    def _find(self, name):
-        return next(x for x in self.io if x[0] == name)
-
-    def get_tensor_name(self, i):
-        return self.io[i][0]
-
-    def get_tensor_mode(self, name):
-        return self._find(name)[1]
-
-    def get_tensor_dtype(self, name):
-        return _DT(_ORT_TO_DT[self._find(name)[2].type])
-
-    def get_tensor_shape(self, name):
-        return tuple(d if isinstance(d, int) else -1 for d in self._find(name)[2].shape)
-
-    def get_tensor_profile_shape(self, name, index):
-        return [tuple(s) for s in self.profiles[index][name]]
-
-    def create_execution_context(self, strategy=None):
-        assert strategy == "USER_MANAGED"
-        return FakeContext(self)
-
-
-class FakeContext:
-    def __init__(self, engine: FakeEngine):
-        self.e = engine
-        self.shapes, self.addr, self.profile, self.memory = {}, {}, None, None
-
-    def set_device_memory(self, ptr, size):
-        assert size >= self.e.device_memory_size_v2 and ptr
-        self.memory = (ptr, size)
-
-    def set_optimization_profile_async(self, index, stream):
-        assert self.memory is not None, "device memory must be set before the profile (user-managed context)"
-        self.profile = index
-        return True
-
-    def set_input_shape(self, name, shape):
-        mn, _, mx = self.e.profiles[self.profile][name]
-        ok = len(shape) == len(mn) and all(a <= d <= b for a, d, b in zip(mn, shape, mx))
-        if ok:
-            self.shapes[name] = tuple(int(d) for d in shape)
-        return ok
-
-    def _bindings(self):
-        dims = {}
-        for i in self.e.sess.get_inputs():
-            for d, v in zip(i.shape, self.shapes[i.name]):
-                if isinstance(d, str):
-                    dims[d] = v
-        return dims
-
-    def get_tensor_shape(self, name):
-        if name in self.shapes:
-            return self.shapes[name]
-        dims = self._bindings()
-        return tuple(d if isinstance(d, int) else dims.get(d, -1) for d in self.e._find(name)[2].shape)
-
-    def set_tensor_address(self, name, ptr):
-        self.addr[name] = int(ptr)
-        return True
-
-    def execute_async_v3(self, stream):
-        e = self.e
-
-        def run():
-            feed = {}
-            for i in e.sess.get_inputs():
-                dt = np.dtype(_NP[_ORT_TO_DT[i.type]])
-                shape = self.shapes[i.name]
-                n = int(np.prod(shape)) * dt.itemsize
-                raw = ctypes.string_at(self.addr[i.name], n)
-                feed[i.name] = np.frombuffer(raw, dt).reshape(shape).copy()
-            outs = e.sess.run(None, feed)
-            for o, val in zip(e.sess.get_outputs(), outs):
-                assert tuple(val.shape) == tuple(self.get_tensor_shape(o.name)), (o.name, val.shape)
-                val = np.ascontiguousarray(val)
-                ctypes.memmove(self.addr[o.name], val.ctypes.data, val.nbytes)
-
-        FakeTrt.cudart.enqueue(stream, run)
-        FakeTrt.executions += 1
-        return True
-
-
-class _Parser:
-    def __init__(self, network, logger):
-        self.network, self.errors = network, []
-
-    @property
-    def num_errors(self):
-        return len(self.errors)
-
-    def get_error(self, i):
-        return self.errors[i]
-
-    def parse_from_file(self, path):
-        import onnx
-
-        self.network.path = str(path)
-        model = onnx.load(str(path), load_external_data=False)
-        for k, n in enumerate(model.graph.node):
-            bad = n.op_type == "NoSuchOp" or (n.op_type == "CheersGatedResidual" and not FakeTrt.plugin_loaded)
-            if bad:
-                desc = "No importer registered for op: NoSuchOp" if n.op_type == "NoSuchOp" else \
-                    "Plugin not found, are the plugin name, version, and namespace correct?"
-                self.errors.append(_PErr(k, n.name, n.op_type, desc))
-        return not self.errors
-
-
-class _PErr:
-    def __init__(self, k, name, op, desc):
-        self._k, self._name, self._op, self._desc = k, name, op, desc
-
-    def node(self):
-        return self._k
-
-    def node_name(self):
-        return self._name
-
-    def node_operator(self):
-        return self._op
-
-    def desc(self):
-        return self._desc
-
-    def code(self):
-        return "UNSUPPORTED_NODE"
-
-
-class FakeTrt:
-    __version__ = IDENT["tensorrt"]
-    cudart = None
-    executions = 0
-    plugin_loaded = False
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "INPUT", "OUTPUT"
-
-    class ExecutionContextAllocationStrategy:
-        USER_MANAGED = "USER_MANAGED"
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1
-
-    class MemoryPoolType:
-        WORKSPACE = 0
-
-    OnnxParser = _Parser
-
-    @staticmethod
-    def init_libnvinfer_plugins(logger, ns):
-        return True
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return FakeEngine(FakeTrt, json.loads(bytes(blob).decode()))
-
-
-class _Network:
-    def __init__(self, strongly_typed):
-        self.strongly_typed, self.path = strongly_typed, None
-
-
-class FakePolygraphy:
-    builds = []
-
-    class Profile(dict):
-        def add(self, name, mn, opt, mx):
-            self[name] = (tuple(mn), tuple(opt), tuple(mx))
-            return self
-
-    class CreateConfig:
-        def __init__(self, **kw):
-            self.kw = kw
-
-    @staticmethod
-    def create_network(strongly_typed=False):
-        return object(), _Network(strongly_typed)
-
-    @staticmethod
-    def engine_bytes_from_network(loader, config=None, save_timing_cache=None):
-        _, network, _ = loader()
-        assert network.strongly_typed
-        FakePolygraphy.builds.append((Path(network.path).name, config.kw))
-        if save_timing_cache:
-            Path(save_timing_cache).write_bytes(b"timing")
-        profiles = [{k: [list(s) for s in v] for k, v in p.items()} for p in config.kw["profiles"]]
-        return json.dumps({"onnx": network.path, "profiles": profiles}).encode()
-
-
 @pytest.fixture
 def fakes(monkeypatch):
-    """FakeTrt + FakePolygraphy + FakeCudart behind compat (what build.py and trt_backend.py import)."""
-    cud = FakeCudart(name=IDENT["gpu"].encode(), cc=(8, 7))
-    prev = dm.use_runtime(cud)
-    FakeTrt.cudart, FakeTrt.executions, FakeTrt.plugin_loaded = cud, 0, False
-    FakePolygraphy.builds = []
-    monkeypatch.setattr(compat, "import_tensorrt", lambda: FakeTrt)
-    monkeypatch.setattr(compat, "import_polygraphy_trt", lambda: FakePolygraphy)
-    monkeypatch.setattr(compat, "trt_logger", lambda: None)
-    monkeypatch.setattr(compat, "runtime_identity", lambda device=0: dict(IDENT))
-    monkeypatch.setattr(compat, "gpu_info", lambda device=0: {"name": IDENT["gpu"], "compute_capability": "8.7",
-                                                              "sm": "sm87", "total_memory": 8 << 30})
-    loaded = []
-
-    def fake_load(path, check_creator=True):
-        if not Path(path).is_file():
-            raise InputError(f"plugin library not found: {path}")
-        loaded.append(Path(path))
-        FakeTrt.plugin_loaded = True
-        return Path(path)
-
-    monkeypatch.setattr(compat, "load_plugin_library", fake_load)
-    yield {"cudart": cud, "loaded": loaded}
-    dm.use_runtime(prev)
+    """FakeTrt + FakePolygraphy + FakeCudart behind cheers_deploy.trt (what build/engines.py and trt_backend.py
+    import): compat.runtime_identity() / gpu_info() then describe the fake machine (IDENT)."""
+    inst = fake_trt.install(monkeypatch)
+    yield inst
+    inst.uninstall()
 
 
-# =====================================================================================================================
-# fake end to end: build -> load -> pipeline == ort
-# =====================================================================================================================
 def _pipe_pair(wd, trt_backend):
     from cheers_deploy.processor import Processor
     from cheers_deploy.runtime.ort_backend import OrtBackend
@@ -535,11 +301,46 @@ def _pipe_pair(wd, trt_backend):
 
     ort_pipe = open_workdir(Pipeline, wd, backend="ort", cache_len="max_context")
     proc = ort_pipe.processor
-    trt_pipe = Pipeline(trt_backend, proc.tokenizer, proc, ort_pipe.config)
+    trt_pipe = Pipeline(trt_backend, proc.tokenizer, proc, ort_pipe.config, generation=ort_pipe.generation)
     assert isinstance(ort_pipe.backend, OrtBackend) and isinstance(proc, Processor)
     return ort_pipe, trt_pipe
 
 
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _check_stage_outputs_belong_to_the_caller(be, ob, tol):
+    """A stage output is the caller's: later calls of the same stage (run, captured, replayed) leave it alone,
+    and each call's output equals ORT's for its own input."""
+    img = be.manifest.image
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((1, img.latent_channels, img.latent_grid, img.latent_grid)).astype(np.float32)
+          for _ in range(4)]
+    tok1, pe1 = be.vision_tokenize(xs[0])
+    keep_tok, keep_pe = be.to_numpy(tok1).copy(), be.to_numpy(pe1).copy()
+    later = [be.vision_tokenize(x) for x in xs[1:]]                  # same bindings: run, captured, replayed
+    assert np.array_equal(be.to_numpy(tok1), keep_tok) and np.array_equal(be.to_numpy(pe1), keep_pe)
+    for x, (tok, pe) in zip(xs[1:], later):
+        ref_tok, ref_pe = ob.vision_tokenize(x)
+        assert _rel_err(be.to_numpy(tok), ref_tok) <= tol and _rel_err(be.to_numpy(pe), ref_pe) <= tol
+    assert not np.allclose(be.to_numpy(later[-1][0]), keep_tok)      # the later calls did produce other values
+    # the backbone's hidden states too (image steps at the same position, the Euler loop's pattern)
+    cache = be.new_cache(1, be.max_context)
+    h1, l1 = be.backbone(cache, tok1, 0, None, "image_step")
+    assert l1 is None
+    keep_h = be.to_numpy(h1).copy()
+    for tok, _ in later:
+        h, _ = be.backbone(cache, tok, 0, None, "image_step")
+    assert np.array_equal(be.to_numpy(h1), keep_h)
+    assert not np.allclose(be.to_numpy(h), keep_h)
+    return tok1, later
+
+
+# =====================================================================================================================
+# fake end to end: build -> load -> pipeline == ort
+# =====================================================================================================================
 def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     from cheers_deploy.runtime.trt_backend import TrtBackend
 
@@ -548,11 +349,26 @@ def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     em = eb.build_engines(wd, "fp32", fuse=False, log=logs.append)
     d = tl.engine_dir(wd, "fp32", IDENT["tensorrt"], "8.7")
     assert (d / C.ENGINE_MANIFEST).is_file() and (d / eb.TIMING_CACHE).is_file()
-    assert sorted(em["engines"]) == sorted(C.GRAPH_NAMES) and em["plugin"] is None
-    assert [p["name"] for p in em["engines"]["backbone"]["profiles"]] == ["prefill", "decode", "image_step"]
-    assert em["engines"]["backbone"]["num_profiles"] == 3 and em["engines"]["cfm_head"]["num_profiles"] == 1
-    names = {t["name"] for t in em["engines"]["backbone"]["inputs"]}
+    assert isinstance(em, tl.EngineManifest) and em.tensorrt == IDENT["tensorrt"] and em.precision == "fp32"
+    assert em.gpu["name"] == IDENT["gpu"] and em.gpu["compute_capability"] == "8.7"
+    assert sorted(em.engines) == sorted(C.GRAPH_NAMES) and em.plugin is None
+    bb = em.engines["backbone"]
+    assert [p["name"] for p in bb.profiles] == ["prefill", "decode", "image_step"]
+    assert [bb.profile_index(m) for m in C.MODES] == [0, 1, 2]
+    assert bb.extra["num_profiles"] == 3 and em.engines["cfm_head"].extra["num_profiles"] == 1
+    assert bb.file == "backbone.plan" and bb.size_bytes > 0 and bb.fused_gates == 0 and bb.fingerprint
+    assert bb.extra["source"] == "backbone.onnx" and bb.extra["built_from"] == "backbone.onnx"
+    names = {t["name"] for t in bb.inputs}
     assert {"inputs_embeds", "position_ids", "attention_mask", "past_key_values.0.key"} <= names
+    assert len(eb.summary_lines(em)) == 1 + len(C.GRAPH_NAMES)
+    # the file format: the same JSON keys as before the typed manifest, and a lossless round trip
+    raw = json.loads((d / C.ENGINE_MANIFEST).read_text())
+    assert {"format", "precision", "tensorrt", "gpu", "plugin", "engines"} <= set(raw)
+    assert raw["format"] == C.ENGINE_FORMAT and raw["plugin"] is None
+    assert {"file", "source", "built_from", "fingerprint", "source_id", "size_bytes", "build_s", "profiles",
+            "inputs", "outputs", "num_profiles", "device_memory_bytes"} <= set(raw["engines"]["backbone"])
+    assert raw["engines"]["backbone"]["num_profiles"] == 3 and raw["engines"]["backbone"].get("fused_gates", 0) == 0
+    assert tl.read_engine_manifest(d).to_dict() == raw
     # Polygraphy got the manifest's profiles, a timing cache and tf32 off for the fp32 parity engines
     bb_cfg = next(kw for f, kw in FakePolygraphy.builds if f == "backbone.onnx")
     assert len(bb_cfg["profiles"]) == 3 and bb_cfg["tf32"] is False
@@ -568,8 +384,9 @@ def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     be = TrtBackend(wd, precision="fp32", trt_module=FakeTrt, identity=IDENT)
     assert set(be.engines["backbone"].contexts) == {"prefill", "decode", "image_step"}
     assert be.arena.nbytes == max(e.engine.device_memory_size_v2 for e in be.engines.values())
-    ctx_mem = {c.memory[0] for e in be.engines.values() for c in e.contexts.values()}
-    assert ctx_mem == {be.arena.ptr}                                   # one shared activation arena
+    ctxs = [c for e in be.engines.values() for c in e.contexts.values()]
+    assert {c.memory[0] for c in ctxs} == {be.arena.ptr}              # one shared activation arena
+    assert {c.strategy for c in ctxs} == {FakeTrt.ExecutionContextAllocationStrategy.USER_MANAGED}
 
     ort_pipe, trt_pipe = _pipe_pair(wd, be)
     rng = np.random.default_rng(11)
@@ -580,10 +397,14 @@ def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     assert g_t.token_ids == g_o.token_ids
     assert np.abs(g_t.latent - g_o.latent).max() <= 1e-5 * np.abs(g_o.latent).max()
     assert np.abs(g_t.image.astype(int) - g_o.image.astype(int)).max() <= 1
+    # CUDA graphs: the Euler loop's stages are captured and replayed although every output is copied out and every
+    # device input copied into the engine's own buffer (those copies stay outside the graphs)
     stats = be.cuda_graph_stats()
     assert stats["backbone/image_step"]["captured"] and stats["cfm_head/default"]["captured"]
     assert stats["vision_tokenizer/default"]["captured"]
-    assert fakes["cudart"].calls["graph_launch"] >= 3 * (4 - 2)     # steps 3.. replay three stage graphs
+    assert not any(s["disabled"] for s in stats.values())
+    assert fakes.cudart.calls["graph_launch"] >= 3 * (4 - 2)       # steps 3.. replay three stage graphs
+    assert fakes.cudart.calls["unsafe_in_capture"] == 0
 
     a_o = ort_pipe.answer(np.full((64, 64, 3), 200, np.uint8), "What is this?", max_new_tokens=6)
     a_t = trt_pipe.answer(np.full((64, 64, 3), 200, np.uint8), "What is this?", max_new_tokens=6)
@@ -596,8 +417,33 @@ def test_fake_build_then_pipeline_equals_ort(tiny_workdir, tmp_path, fakes):
     assert np.abs(e_t.latent - e_o.latent).max() <= 1e-5 * np.abs(e_o.latent).max()
 
 
+def test_fake_cuda_graph_replay_equals_uncaptured(tiny_workdir, tmp_path, fakes):
+    """The Euler loop with CUDA graphs (captured on the 2nd identical call, replayed after) gives exactly what the
+    same engines give without graphs: replays read the inputs copied in for this step, not stale ones."""
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    eb.build_engines(wd, "fp32", fuse=False, log=lambda s: None)
+    noise = np.random.default_rng(3).standard_normal((128, 4, 4), dtype=np.float32)
+    kw = dict(steps=5, cfg_scale=3.0, alpha=0.6, noise=noise, max_new_tokens=2, seed=4)
+    out = {}
+    for graphs in (True, False):
+        be = TrtBackend(wd, "fp32", cuda_graphs=graphs, trt_module=FakeTrt, identity=IDENT)
+        launches = fakes.cudart.calls["graph_launch"]
+        _, pipe = _pipe_pair(wd, be)
+        out[graphs] = pipe.generate("A red circle.", **kw)
+        n = fakes.cudart.calls["graph_launch"] - launches
+        assert (n >= 3 * (5 - 2)) if graphs else (n == 0)
+        assert all(s["captured"] == graphs for k, s in be.cuda_graph_stats().items()
+                   if k in ("backbone/image_step", "cfm_head/default", "vision_tokenizer/default"))
+        be.close()
+    assert out[True].token_ids == out[False].token_ids
+    assert np.array_equal(out[True].latent, out[False].latent)
+
+
 def test_fake_backend_cache_and_logits(tiny_workdir, tmp_path, fakes):
-    """Backend level: KV entries land at their positions; decode logits are the engine's, equal to ORT's."""
+    """Backend level: KV entries land at their positions; prefill/decode logits are the engine's, equal to ORT's;
+    image steps return no logits."""
     from cheers_deploy.runtime.ort_backend import OrtBackend
     from cheers_deploy.runtime.trt_backend import TrtBackend
 
@@ -610,26 +456,136 @@ def test_fake_backend_cache_and_logits(tiny_workdir, tmp_path, fakes):
     emb = rng.standard_normal((2, 5, 64)).astype(np.float32)
     c_t, c_o = be.new_cache(2, 32), ob.new_cache(2, 32)
     mask = np.tril(np.ones((5, 5), bool))
-    h_t = be.backbone(c_t, emb, 0, mask)
-    h_o = ob.backbone(c_o, emb, 0, mask)
+    h_t, l_t = be.backbone(c_t, emb, 0, mask, "prefill")
+    h_o, l_o = ob.backbone(c_o, emb, 0, mask, "prefill")
     assert np.allclose(be.to_numpy(h_t), h_o, atol=1e-6)
+    vocab = be.embed_table.shape[0]
+    assert isinstance(l_t, np.ndarray) and l_t.dtype == np.float32 and l_t.shape == l_o.shape == (2, vocab)
+    assert np.allclose(l_t, l_o, atol=1e-5)
     for step in range(3):                                              # decode at positions 5, 6, 7
         e1 = rng.standard_normal((2, 1, 64)).astype(np.float32)
-        h_t = be.backbone(c_t, e1, 5 + step, None)
-        h_o = ob.backbone(c_o, e1, 5 + step, None)
-        l_t = be.logits(h_t[:, -1])
-        assert np.allclose(l_t, ob.logits(h_o[:, -1]), atol=1e-5)
+        h_t, l_t = be.backbone(c_t, e1, 5 + step, None, "decode")
+        h_o, l_o = ob.backbone(c_o, e1, 5 + step, None, "decode")
+        assert np.allclose(be.to_numpy(h_t), h_o, atol=1e-6)
+        assert isinstance(l_t, np.ndarray) and l_t.dtype == np.float32 and l_t.shape == (2, vocab)
+        assert np.allclose(l_t, l_o, atol=1e-5)
     for i in range(be.num_layers):
         assert np.array_equal(c_t.k[i].to_numpy()[:, :, :8], c_o.k[i][:, :, :8])
         assert not c_t.v[i].to_numpy()[:, :, 8:].any()
-    # an older hidden state falls back to the host projection (same numbers)
-    assert np.allclose(be.logits(be.to_numpy(h_t)[:, -1]), l_t, atol=1e-4)
+    # an image step (the tokens of one image at positions 8..8+M-1): hidden states, no logits
+    m = be.tokens_per_image
+    tok = rng.standard_normal((2, m, 64)).astype(np.float32)
+    h_t, l_t = be.backbone(c_t, tok, 8, None, "image_step")
+    h_o, l_o = ob.backbone(c_o, tok, 8, None, "image_step")
+    assert l_t is None and l_o is None
+    assert np.allclose(be.to_numpy(h_t), h_o, atol=1e-6)
+    assert np.array_equal(c_t.k[0].to_numpy()[:, :, :8 + m], c_o.k[0][:, :, :8 + m])
+    with pytest.raises(InputError, match="mode"):
+        be.backbone(c_t, e1, 9, None, "generate")
     with pytest.raises(InputError, match="overflow"):
-        be.backbone(c_t, emb, be.max_context - 2, mask)
+        be.backbone(c_t, emb, be.max_context - 2, mask, "prefill")
     with pytest.raises(InputError, match="context"):
         be.new_cache(1, be.max_context + 1)
     with pytest.raises(InputError, match="largest batch"):
         be.new_cache(3, 8)
+
+
+def test_fake_backbone_profile_is_the_mode(tiny_workdir, tmp_path, fakes):
+    """The context (profile) that runs is the one of the mode passed, whatever the shapes look like: a prefill of
+    M tokens looks like an image step, a one-token prefill like a decode."""
+    from cheers_deploy.runtime.ort_backend import OrtBackend
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    em = eb.build_engines(wd, "fp32", fuse=False, graphs=["backbone"], log=lambda s: None)
+    be = TrtBackend(wd, "fp32", graphs=["backbone"], trt_module=FakeTrt, identity=IDENT)
+    ob = OrtBackend(wd, graphs=["backbone"], cache_len="max_context")
+    ctxs = be.engines["backbone"].contexts
+    for mode, ctx in ctxs.items():
+        assert ctx.profile == em.engines["backbone"].profile_index(mode)
+    m, d = be.tokens_per_image, be.embed_table.shape[1]
+    rng = np.random.default_rng(8)
+    emb = lambda s: rng.standard_normal((2, s, d)).astype(np.float32)  # noqa: E731
+    calls = [("prefill", emb(m), 0, np.tril(np.ones((m, m), bool))),    # the shapes of an image step
+             ("image_step", emb(m), m, None),
+             ("decode", emb(1), 2 * m, None),
+             ("image_step", emb(m), 2 * m + 1, None),
+             ("prefill", emb(1), 0, np.ones((1, 1), bool))]             # the shapes of a decode step
+    c_t, c_o = be.new_cache(2, be.max_context), ob.new_cache(2, be.max_context)
+    for mode, e, start, mask in calls:
+        before = {k: c.ran for k, c in ctxs.items()}
+        n_ran = len(FakeTrt.ran)
+        h_t, l_t = be.backbone(c_t, e, start, mask, mode)
+        h_o, l_o = ob.backbone(c_o, e, start, mask, mode)
+        ran = {k for k, c in ctxs.items() if c.ran != before[k]}
+        assert ran == {mode}, (mode, ran)
+        assert FakeTrt.ran[n_ran:] == [("backbone", em.engines["backbone"].profile_index(mode))]
+        assert np.allclose(be.to_numpy(h_t), h_o, atol=1e-6)
+        assert (l_t is None) == (mode == "image_step") and (l_o is None) == (mode == "image_step")
+        if l_t is not None:
+            assert np.allclose(l_t, l_o, atol=1e-5)
+    # no fallback to another profile: M tokens in decode mode are outside the decode profile
+    with pytest.raises(InputError, match=r"decode profile\): input 'inputs_embeds'"):
+        be.backbone(c_t, emb(m), 2 * m + 1, None, "decode")
+
+
+def test_fake_stage_outputs_belong_to_the_caller(tiny_workdir, tmp_path, fakes):
+    """Outputs are copied out of the engines' persistent output buffers; device inputs are copied into the engines'
+    own input buffers (stable bound addresses), except the KV cache, which is bound in place."""
+    from cheers_deploy.runtime.ort_backend import OrtBackend
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    graphs = ["vision_tokenizer", "backbone"]
+    eb.build_engines(wd, "fp32", fuse=False, graphs=graphs, log=lambda s: None)
+    be = TrtBackend(wd, "fp32", graphs=graphs, trt_module=FakeTrt, identity=IDENT)
+    ob = OrtBackend(wd, graphs=graphs)
+    tok1, later = _check_stage_outputs_belong_to_the_caller(be, ob, tol=1e-6)
+    vt = be.engines["vision_tokenizer"]
+    out_ptrs = {b.ptr for e in be.engines.values() for b in e.out_bufs.values()}
+    assert tok1.ptr not in out_ptrs and all(t.ptr not in out_ptrs and p.ptr not in out_ptrs for t, p in later)
+    assert be.cuda_graph_stats()["vision_tokenizer/default"]["captured"]
+    assert vt.contexts["default"].ran == 4 and vt.contexts["default"].enqueued < 4      # the last call replayed
+
+    # the image-step context reads the embeddings from its own input buffer, the past K/V from the cache itself
+    bbe = be.engines["backbone"]
+    ctx = bbe.contexts["image_step"]
+    cache = be.new_cache(1, be.max_context)
+    hs = []
+    for tok, _ in [(tok1, None)] + later:
+        hs.append(be.backbone(cache, tok, 0, None, "image_step")[0])
+        assert ctx.addr["inputs_embeds"] == bbe.in_bufs["inputs_embeds"].ptr != tok.ptr
+        for i in range(be.num_layers):
+            assert ctx.addr[f"past_key_values.{i}.key"] == cache.past(i, "key", 1).ptr
+            assert ctx.addr[f"past_key_values.{i}.value"] == cache.past(i, "value", 1).ptr
+    assert len({h.ptr for h in hs}) == len(hs)                             # a fresh array per call
+    assert be.cuda_graph_stats()["backbone/image_step"]["captured"]
+
+
+def test_fake_profile_selection_error_is_a_cheers_error(tiny_workdir, tmp_path, fakes, monkeypatch):
+    """set_optimization_profile_async raises RuntimeError in the real bindings (older ones return False): either
+    way the backend raises one CheersError naming the engine, the profile and its mode."""
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    eb.build_engines(wd, "fp32", fuse=False, graphs=["backbone"], log=lambda s: None)
+    kw = dict(graphs=["backbone"], trt_module=FakeTrt, identity=IDENT)
+    d = tl.engine_dir(wd, "fp32", IDENT["tensorrt"], IDENT["compute_capability"])
+    raw = json.loads((d / C.ENGINE_MANIFEST).read_text())
+    raw["engines"]["backbone"]["profiles"][2]["index"] = 7               # the engine has 3 profiles
+    (d / C.ENGINE_MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(CheersError) as exc:
+        TrtBackend(wd, "fp32", **kw)
+    assert not isinstance(exc.value, RuntimeError)
+    msg = str(exc.value)
+    assert "engine 'backbone'" in msg and "profile 7 (image_step)" in msg and "Error in set optimization" in msg
+
+    raw["engines"]["backbone"]["profiles"][2]["index"] = 2
+    (d / C.ENGINE_MANIFEST).write_text(json.dumps(raw))
+    TrtBackend(wd, "fp32", **kw).close()
+    monkeypatch.setattr(FakeContext, "set_optimization_profile_async", lambda self, index, stream: False)
+    with pytest.raises(CheersError, match=r"engine 'backbone': cannot select optimization profile 0 \(prefill\)"):
+        TrtBackend(wd, "fp32", **kw)
 
 
 def test_fake_plugin_build_fuses_cfm_head(tiny_workdir, tmp_path, fakes, monkeypatch):
@@ -641,14 +597,17 @@ def test_fake_plugin_build_fuses_cfm_head(tiny_workdir, tmp_path, fakes, monkeyp
     lib.write_bytes(b"\x7fELF fake")
     logs = []
     em = eb.build_engines(wd, "fp32", plugin_lib=lib, graphs=["cfm_head", "backbone"], log=logs.append)
-    assert fakes["loaded"] == [lib.resolve()]
-    assert em["plugin"]["path"] == str(lib.resolve()) and em["plugin"]["sha256"]
-    assert em["engines"]["cfm_head"]["fused_gates"] == 1 and "fused_gates" not in em["engines"]["backbone"]
-    assert em["engines"]["cfm_head"]["built_from"].endswith("fused/cfm_head.onnx")
+    assert fakes.loaded == [lib.resolve()] and trt_plugin.plugin_registered()
+    assert em.plugin["path"] == str(lib.resolve()) and em.plugin["sha256"]
+    assert em.plugin["name"] == C.PLUGIN_NAME and em.plugin["version"] == C.PLUGIN_VERSION
+    assert em.engines["cfm_head"].fused_gates == 1 and em.engines["backbone"].fused_gates == 0
+    assert em.engines["cfm_head"].extra["built_from"].endswith("fused/cfm_head.onnx")
     assert any("1 hi gate(s) fused" in x for x in logs)
 
+    fakes.new_process(monkeypatch)                                     # loading happens in another process
+    assert not trt_plugin.plugin_registered()
     be = TrtBackend(wd, "fp32", graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT, plugin_lib=lib)
-    assert fakes["loaded"][-1] == lib.resolve()
+    assert fakes.loaded == [lib.resolve()] and trt_plugin.plugin_registered()
     ob = OrtBackend(wd, graphs=["cfm_head"])
     rng = np.random.default_rng(4)
     hid = rng.standard_normal((2, 4, 64)).astype(np.float32)
@@ -656,10 +615,15 @@ def test_fake_plugin_build_fuses_cfm_head(tiny_workdir, tmp_path, fakes, monkeyp
     t = np.asarray([0.3, 0.3], np.float32)
     v_t, v_o = be.cfm_head(hid, pe, t), ob.cfm_head(hid, pe, t)
     assert np.abs(v_t - v_o).max() <= 1e-5 * np.abs(v_o).max()
+    # without plugin_lib= the library recorded at build time is loaded
+    fakes.new_process(monkeypatch)
+    TrtBackend(wd, "fp32", graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT)
+    assert fakes.loaded == [lib.resolve()]
 
     # the fused engine needs the plugin at load time: a clear error without a library
+    fakes.new_process(monkeypatch)
     lib.unlink()
-    monkeypatch.setattr(compat, "default_plugin_library", lambda: None)
+    monkeypatch.setattr(trt_plugin, "default_plugin_library", lambda: None)
     with pytest.raises(CheckpointError, match="uses the CheersGatedResidual plugin"):
         TrtBackend(wd, "fp32", graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT)
 
@@ -711,6 +675,13 @@ def test_fake_backend_refuses_other_machine_and_stale_engines(tiny_workdir, tmp_
     src.unlink()
     shutil.copy(real, src)
     TrtBackend(wd, "fp32", identity=IDENT, **kw)
+    # ... a plan TensorRT cannot deserialize is named, with the way out
+    plan = tl.plan_path(wd, "fp32", IDENT["tensorrt"], IDENT["compute_capability"], "vae_decoder")
+    good = plan.read_bytes()
+    plan.write_bytes(b"\x00not a plan")
+    with pytest.raises(CheckpointError, match=r"could not deserialize .*vae_decoder.plan.*--force"):
+        TrtBackend(wd, "fp32", identity=IDENT, **kw)
+    plan.write_bytes(good)
     # ... a re-exported graph (new hash in the manifest) makes its engine stale
     man = json.loads((wd / "manifest.json").read_text())
     man["graphs"]["vae_encoder"]["source_hash"] = "0" * 64
@@ -718,28 +689,42 @@ def test_fake_backend_refuses_other_machine_and_stale_engines(tiny_workdir, tmp_
     with pytest.raises(CheckpointError, match=r"'vae_encoder' \(vae_encoder.onnx\) changed after its engine was"):
         TrtBackend(wd, "fp32", identity=IDENT, **kw)
     # a deployment that deleted the ONNX files is not checked (fake engines still read them, so only the id here)
-    from cheers_deploy.manifest import Manifest
-
     (wd / "vae_encoder.onnx").unlink()
     assert tl.source_id(Manifest.load(wd), "vae_encoder", "fp32") is None
 
 
 def test_open_workdir_dispatches_to_trt(tiny_workdir, tmp_path, fakes, monkeypatch):
+    """from_workdir(backend="trt") builds a TrtBackend with the machine's identity (here the fakes'), passes backend
+    options on and refuses the ones TrtBackend does not take (threads, unknown names)."""
     from cheers_deploy.runtime import trt_backend
     from cheers_deploy.runtime.pipeline import Pipeline
 
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     eb.build_engines(wd, "fp32", fuse=False, log=lambda s: None)
-    orig = trt_backend.TrtBackend.__init__
-
-    def init(self, workdir, **kw):
-        orig(self, workdir, trt_module=FakeTrt, identity=IDENT, **kw)
-
-    monkeypatch.setattr(trt_backend.TrtBackend, "__init__", init)
+    assert compat.runtime_identity() == IDENT                          # no trt_module/identity needed below
     pipe = Pipeline.from_workdir(wd, backend="trt", precision="fp32")
-    assert pipe.backend.name == "trt" and pipe.backend.precision == "fp32"
+    assert isinstance(pipe.backend, trt_backend.TrtBackend)
+    assert pipe.backend.name == "trt" and pipe.backend.precision == "fp32" and pipe.backend.cuda_graphs
     out = pipe.chat("Hello there", max_new_tokens=3)
     assert len(out.token_ids) >= 1
+    pipe = Pipeline.from_workdir(wd, backend="trt", cuda_graphs=False, graphs=["vae_encoder", "vision_tokenizer",
+                                                                               "backbone"])
+    assert pipe.backend.cuda_graphs is False and set(pipe.backend.engines) == {"vae_encoder", "vision_tokenizer",
+                                                                                 "backbone"}
+    with pytest.raises(InputError, match="threads= does not apply"):
+        Pipeline.from_workdir(wd, backend="trt", threads=2)
+    with pytest.raises(InputError, match="takes no option.* io_binding"):
+        Pipeline.from_workdir(wd, backend="trt", io_binding=True)
+    # a wrapped __init__ keeps its signature for the option check
+    orig = trt_backend.TrtBackend.__init__
+
+    @functools.wraps(orig)
+    def init(self, workdir, **kw):
+        kw.setdefault("trt_module", FakeTrt)
+        orig(self, workdir, **kw)
+
+    monkeypatch.setattr(trt_backend.TrtBackend, "__init__", init)
+    assert Pipeline.from_workdir(wd, backend="trt", precision="fp32").backend.precision == "fp32"
 
 
 # =====================================================================================================================
@@ -769,7 +754,7 @@ def test_real_build_and_generate_fp32(real_trt, tiny_workdir, tmp_path):
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     logs = []
     em = eb.build_engines(wd, "fp32", fuse=False, log=logs.append)
-    assert em["tensorrt"] == real_trt.__version__ and em["engines"]["backbone"]["num_profiles"] == 3
+    assert em.tensorrt == real_trt.__version__ and em.engines["backbone"].extra["num_profiles"] == 3
     eb.build_engines(wd, "fp32", fuse=False, log=logs.append)
     assert sum("up to date" in x for x in logs) == 5
     be = TrtBackend(wd, "fp32")
@@ -784,6 +769,19 @@ def test_real_build_and_generate_fp32(real_trt, tiny_workdir, tmp_path):
 
 
 @pytest.mark.trt
+def test_real_stage_outputs_belong_to_the_caller(real_trt, tiny_workdir, tmp_path):
+    from cheers_deploy.runtime.ort_backend import OrtBackend
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    graphs = ["vision_tokenizer", "backbone"]
+    eb.build_engines(wd, "fp32", fuse=False, graphs=graphs, log=lambda s: None)
+    be = TrtBackend(wd, "fp32", graphs=graphs)
+    _check_stage_outputs_belong_to_the_caller(be, OrtBackend(wd, graphs=graphs), tol=2e-3)
+    assert be.cuda_graph_stats()["vision_tokenizer/default"]["captured"]
+
+
+@pytest.mark.trt
 def test_real_plugin_engine_matches_ort(real_trt, tiny_workdir, tmp_path):
     from cheers_deploy.runtime.ort_backend import OrtBackend
     from cheers_deploy.runtime.trt_backend import TrtBackend
@@ -791,7 +789,7 @@ def test_real_plugin_engine_matches_ort(real_trt, tiny_workdir, tmp_path):
     lib = _plugin_or_skip()
     wd = _linked_copy(tiny_workdir, tmp_path / "wd")
     em = eb.build_engines(wd, "fp32", plugin_lib=lib, graphs=["cfm_head"], log=lambda s: None)
-    assert em["engines"]["cfm_head"]["fused_gates"] == 1
+    assert em.engines["cfm_head"].fused_gates == 1
     be = TrtBackend(wd, "fp32", graphs=["cfm_head"], plugin_lib=lib)
     ob = OrtBackend(wd, graphs=["cfm_head"])
     rng = np.random.default_rng(4)
@@ -825,7 +823,7 @@ def test_real_refuses_engines_of_another_version(real_trt, tiny_workdir, tmp_pat
     eb.build_engines(wd, "fp32", fuse=False, graphs=["vae_encoder"], log=lambda s: None)
     d = next((wd / "engines" / "fp32").glob("*/*"))
     em = tl.read_engine_manifest(d)
-    em["tensorrt"] = "9.9.9"
+    em.tensorrt = "9.9.9"
     tl.write_engine_manifest(d, em)
     with pytest.raises(CheckpointError, match="TensorRT 9.9.9"):
         TrtBackend(wd, "fp32", graphs=["vae_encoder"])

@@ -1,6 +1,6 @@
 """Analytic floor of one text-to-image Euler step (and of one image) from a CheersConfig: the matrix FLOPs
 and the bytes that must move, turned into seconds with a device's measured matmul throughput and copy
-bandwidth. No torch: the numbers come from the layer shapes of ARCHITECTURE.md §2-§11 / §19.
+bandwidth. No torch: the numbers come from the layer shapes of docs/architecture.md §2-§11 / §19.
 
 Counting rules (kept simple so that they can be checked by hand):
 * FLOPs: a multiply-add is 2 FLOPs; only matrix work is counted (Linear/Conv GEMMs, QK^T and PV of every
@@ -201,7 +201,7 @@ def _heads(cfg: CheersConfig, m: int, n: int):
 
 
 def component_params(cfg: CheersConfig) -> Dict[str, int]:
-    """Analytic parameter counts per module (ARCHITECTURE.md §16.6 layout)."""
+    """Analytic parameter counts per module (docs/architecture.md §16.6 layout)."""
     v, t = cfg.vision_representation_config, cfg.text_config
     g = v.image_size // v.patch_size
     s1, gate, s2 = _heads(cfg, (g // 2) ** 2, g * g)

@@ -12,6 +12,9 @@ Random weights built directly on the device; every variant runs the package's ow
         --out bench/results/gpu_step_<date>.json --budget-s 280
 
 The JSON is rewritten after every measurement, so a run cut short still leaves its partial results.
+
+Over 400 lines for now: it still holds its own Euler-step runners; the GPU fast-path issue moves those
+optimisations into the model and the torch backend and cuts this file down to a driver of Pipeline.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ VARIANTS = [
     ("naive", "official loop: cond and uncond as separate passes (vision tower per branch), KV cache appended "
               "with torch.cat and cropped back by slicing, eager"),
     ("+static_cache", "torch backend: preallocated cache written by position; branches still separate"),
-    ("+batched_cfg", "vision tokenizer once per step, LLM + head at batch 2 (Pipeline._euler)"),
+    ("+batched_cfg", "vision tokenizer once per step, LLM + head at batch 2 (Pipeline.denoise)"),
     ("+sdpa_flash", "SDPA with native GQA (enable_gqa) instead of repeat_kv when it is faster; kernels recorded"),
     ("+cudnn_benchmark", "cudnn.benchmark autotuning of the decoder-projector convolutions"),
     ("+channels_last", "decoder projector in channels_last (NHWC) memory format"),
@@ -321,7 +324,7 @@ class Bench:
 
         # prompt caches of both branches: one prefill of random embeddings (batch 2 = cond, uncond)
         self.cache = self.be.new_cache(2, prefix_len + self.M + 1)
-        self.be.backbone(self.cache, self.prefix_embeds, 0, self.mask_np)
+        self.be.backbone(self.cache, self.prefix_embeds, 0, self.mask_np, "prefill")
         # per-branch batch-1 views of the same static buffers (the +static_cache variant)
         self.cache_b = [TorchCache([k[b:b + 1] for k in self.cache.k], [v_[b:b + 1] for v_ in self.cache.v])
                         for b in range(2)]
@@ -336,7 +339,7 @@ class Bench:
         """Pipeline: dummy image features once (batch 1), LLM prefill of both branches at batch 2."""
         lat = self.model.vae_encode(self.pixels)
         self.be.vision_tokenize(lat)
-        self.be.backbone(self.cache, self.prefix_embeds, 0, self.mask_np)
+        self.be.backbone(self.cache, self.prefix_embeds, 0, self.mask_np, "prefill")
 
     def prefill_naive(self):
         """Official: each branch is prefilled separately with the same pixels (features computed twice) and
@@ -355,12 +358,12 @@ class Bench:
 
     # ---- the step body used by the graph and compile variants: all inputs are device tensors
     def step_body(self, x, t_vec, dt):
-        """x (1,C,h,w), t_vec (2,) fp32, dt () fp32 -> new x. Same ops as Pipeline._euler; the Euler product is
+        """x (1,C,h,w), t_vec (2,) fp32, dt () fp32 -> new x. Same ops as Pipeline.denoise; the Euler product is
         formed in fp32 and rounded once, exactly like `v * python_float` in the eager loop."""
         model, be = self.model, self.be
         tok, pe = model.vision_tokenize(x)                                   # (1,M,Dt), (1,4M,Dv)
         tok, pe = tok.expand(2, *tok.shape[1:]), pe.expand(2, *pe.shape[1:])
-        hs = be.backbone(self.cache, tok, self.S, None)                     # (2,M,Dt), writes cache[S:S+M]
+        hs, _ = be.backbone(self.cache, tok, self.S, None, "image_step")                     # (2,M,Dt), writes cache[S:S+M]
         v = model.cfm_head(hs, pe, t_vec)                                    # (2,C,h,w)
         v = v[1:2] + (v[0:1] - v[1:2]) * self.cfg_scale
         return x + (v.float() * dt).to(x.dtype)
@@ -417,7 +420,7 @@ class SplitRunner:
         vs = []
         for br in range(2):
             tok, pe = be.vision_tokenize(self.x)
-            hs = be.backbone(b.cache_b[br], tok, b.S, None)
+            hs, _ = be.backbone(b.cache_b[br], tok, b.S, None, "image_step")
             vs.append(be.cfm_head(hs, pe, np.full((1,), b.ts[i], np.float32)))
         v = vs[1] + (vs[0] - vs[1]) * b.cfg_scale
         self.x = self.x + v * float(b.dts[i])
@@ -427,7 +430,7 @@ class SplitRunner:
 
 
 class BatchedRunner:
-    """One iteration of Pipeline._euler with bsz = 2, line for line."""
+    """One iteration of Pipeline.denoise with bsz = 2, line for line."""
 
     def __init__(self, bench: Bench):
         self.b = bench
@@ -440,7 +443,7 @@ class BatchedRunner:
         be = b.be
         tok, pe = be.vision_tokenize(self.x)
         tok, pe = be.repeat_batch(tok, 2), be.repeat_batch(pe, 2)
-        hs = be.backbone(b.cache, tok, b.S, None)
+        hs, _ = be.backbone(b.cache, tok, b.S, None, "image_step")
         v = be.cfm_head(hs, pe, np.full((2,), b.ts[i], np.float32))
         v = v[1:2] + (v[0:1] - v[1:2]) * b.cfg_scale
         self.x = self.x + v * float(b.dts[i])
@@ -732,13 +735,13 @@ def stage_breakdown(bench: Bench, tflops: float, gbps: float, reps: int = 5) -> 
     st["tok"] = m.und_projector(st["feats"])
     tok2 = st["tok"].expand(2, *st["tok"].shape[1:])
     pe2 = st["embeds"].expand(2, *st["embeds"].shape[1:])
-    st["hs"] = be.backbone(bench.cache, tok2, bench.S, None)
+    st["hs"] = be.backbone(bench.cache, tok2, bench.S, None, "image_step")[0]
     t_dev = torch.full((2,), 0.5, device=bench.device)
     stages = {
         "decoder_projector": (lambda: m.vae_decoder_projector(x), ["decoder_projector"]),
         "vit": (lambda: vr.forward_embeddings(vr.embeddings(st["pixels"])), ["vit"]),
         "und_projector": (lambda: m.und_projector(st["feats"]), ["und_projector"]),
-        "llm_image_step": (lambda: be.backbone(bench.cache, tok2, bench.S, None), ["llm"]),
+        "llm_image_step": (lambda: be.backbone(bench.cache, tok2, bench.S, None, "image_step"), ["llm"]),
         "cfm_head": (lambda: bench.model.cfm_head(st["hs"], pe2, t_dev),
                      ["time_embed", "gen_projector", "hi_gate", "hi_projector"]),
     }

@@ -11,6 +11,9 @@ Clocks: stage times come from the pipeline's StageTimer (synchronised wall clock
 events for torch on CUDA and the synchronised wall clock otherwise. Understanding runs decode exactly
 --max-new-tokens tokens (the stop token and <im_start> are masked: 'ignore_eos', as LLM benchmarks do), so that
 tokens/s is measured over a fixed length.
+
+One file (over 400 lines): settings, the runs and their aggregation are one benchmark definition that the report
+(report.py) and the CLI read; memory and energy readers live beside it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ BACKENDS = ("torch", "ort", "trt")
 TASKS = ("t2i", "vqa", "chat")
 # pipeline StageTimer name -> report label, in pipeline order
 STAGES = (("vae_encode", "VAE encode"), ("vision_tokenizer", "vision tokenizer"), ("prefill", "backbone prefill"),
-          ("decode", "per-token decode"), ("lm_head", "LM head"),
+          ("decode", "per-token decode (backbone + LM head of the last position)"),
           ("image_step", "image step (backbone over M image tokens)"), ("cfm_head", "CFM head"),
           ("vae_decode", "VAE decode"))
 STAGE_LABELS = dict(STAGES)

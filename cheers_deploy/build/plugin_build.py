@@ -1,6 +1,6 @@
 """Build helpers and the CPU reference of the fused hi-gate op (CUDA kernel + TensorRT plugin "CheersGatedResidual").
 
-The op (ARCHITECTURE.md §10), per token row of width C::
+The op (docs/architecture.md §10), per token row of width C::
 
     g   = dot(SiLU(h), w2) + b2          # h = output of hi_gate.gate.0 (Linear C->C), w2/b2 = hi_gate.gate.2
     out = LayerNorm(low + g * high) * ln_w + ln_b      # hi_gate.layer_norm, eps 1e-5

@@ -1,5 +1,5 @@
 """Graph surgery for TensorRT: replace the hi-gate tail of the exported ``cfm_head`` graph by one
-``CheersGatedResidual`` plugin node (engines/plugins/gated_residual, ARCHITECTURE.md §10).
+``CheersGatedResidual`` plugin node (engines/plugins/gated_residual, docs/architecture.md §10).
 
 The region is found by ``graphs.matcher.find_gated_residuals`` (the pattern, and how Q/DQ graphs are matched, is
 described there); this module rewrites it::

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interleave", action="store_true",
                    help="load all backends and alternate their timed runs (fairer ratios on a shared machine; "
                         "per-backend peak RSS then covers the load only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the images and sampling")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 

@@ -28,6 +28,7 @@ def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--max-mb", type=float, default=512.0, help="size cap of the captured shards")
     c.add_argument("--data", default=None, help="JSONL of {image, question, prompt} (default: shapes world train)")
     c.add_argument("--steps", type=int, default=25, help="Euler steps of the calibration generations")
+    add_threads_arg(c)
     c.add_argument("--seed", type=int, default=1000, help="seed of the calibration items")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_capture)
@@ -88,7 +89,7 @@ def _capture(a) -> int:
     from ..precision.capture import capture, summary
 
     cm = capture(a.workdir, n=a.n, max_mb=a.max_mb, data=a.data, seed=a.seed, steps=a.steps,
-                 progress=not a.no_progress)
+                 progress=not a.no_progress, threads=a.threads)
     print(summary(cm))
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import textwrap
 from pathlib import Path
 
 from ..errors import InputError
@@ -40,10 +41,15 @@ class HelpFormatter(argparse.HelpFormatter):
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
 
+    def _split_lines(self, text, width):
+        # never split a command name such as cheers-deploy at its hyphen
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
     def _fill_text(self, text, width, indent):
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
 
 
 def use_formatter(parser: argparse.ArgumentParser, formatter=HelpFormatter) -> None:
@@ -76,8 +82,8 @@ def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and backend")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH_OR_ID",
-                     help="checkpoint: a folder in the official layout or a Hugging Face Hub id such as "
-                          "ai9stars/Cheers (from the HF cache; HF_HUB_OFFLINE=1 honoured) (default: the bundled "
+                     help="checkpoint folder (official layout) or Hugging Face Hub id such as ai9stars/Cheers, "
+                          "fetched through the HF cache, HF_HUB_OFFLINE=1 honoured (default: the bundled "
                           "tiny-shapes model)")
     src.add_argument("--workdir", metavar="DIR", help="exported graphs (cheers-deploy export) instead of a checkpoint")
     g.add_argument("--revision", metavar="REV", default=None,
@@ -85,16 +91,16 @@ def add_model_args(p: argparse.ArgumentParser):
                         "reproducible runs (default: main)")
     g.add_argument("--backend", choices=["torch", "ort", "trt"], default=None,
                    help="torch for --checkpoint (default), ort for --workdir (default), trt for TensorRT engines")
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    g.add_argument("--device", default="cpu", metavar="DEV", help="torch device (cpu, cuda)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="torch backend precision (float32 is the parity reference)")
-    g.add_argument("--providers", default=None,
+    g.add_argument("--providers", default=None, metavar="LIST",
                    help="comma-separated onnxruntime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider")
     g.add_argument("--precision", default=None, metavar="P",
                    help="with --workdir: which graphs/engines to run, fp32 (default), fp16, bf16, int8 or mixed "
                         "(made by cheers-deploy calibrate / build)")
     add_threads_arg(g)
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the dummy image and sampling")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the noise, the dummy image and sampling")
 
 
 def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str = "cpu",

@@ -9,8 +9,11 @@ from ..export.specs import DEFAULT_MAX_CONTEXT
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", metavar="DIR", default=None,
-                   help="checkpoint in the official layout (default: the bundled tiny-shapes model)")
+    p.add_argument("--checkpoint", metavar="PATH_OR_ID", default=None,
+                   help="checkpoint folder (official layout) or Hugging Face Hub id such as ai9stars/Cheers "
+                        "(default: the bundled tiny-shapes model)")
+    p.add_argument("--revision", metavar="REV", default=None,
+                   help="with a Hub id in --checkpoint: the branch, tag or commit (default: main)")
     p.add_argument("--out", metavar="DIR", required=True, help="workdir for the graphs and manifest.json")
     p.add_argument("--image-size", type=int, default=None,
                    help="working resolution (default: the checkpoint's preprocessor scale_resolution)")
@@ -26,16 +29,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
+    from ..errors import InputError
     from ..export.exporter import export_all
+    from ..hub import resolve_checkpoint
 
+    if args.revision is not None and args.checkpoint is None:
+        raise InputError("--revision pins a Hugging Face Hub model: use it with --checkpoint OWNER/NAME")
+    ckpt = resolve_checkpoint(args.checkpoint, revision=args.revision) if args.checkpoint is not None else None
     graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
-    man = export_all(args.checkpoint, args.out, image_size=args.image_size, batch_max=args.batch_max,
+    man = export_all(ckpt, args.out, image_size=args.image_size, batch_max=args.batch_max,
                      max_context=args.max_context, force=args.force, opset=args.opset, progress=not args.quiet,
                      graphs=graphs, simplify=not args.no_simplify, verify=not args.no_verify)
     for name, g in man.graphs.items():
-        slim = "slimmed" if g.get("slim", {}).get("applied") else "not slimmed"
-        print(f"{name:17s} {g['file']:24s} {g.get('weight_bytes', 0) / 2**20:9.1f} MiB  {slim}"
-              + (f"  + {g['external_data']}" if g.get("external_data") else ""))
+        slim = "slimmed" if g.extra.get("slim", {}).get("applied") else "not slimmed"
+        print(f"{name:17s} {g.file:24s} {g.extra.get('weight_bytes', 0) / 2**20:9.1f} MiB  {slim}"
+              + (f"  + {g.external_data}" if g.external_data else ""))
     print(f"manifest: {man.workdir / 'manifest.json'}")
 
 

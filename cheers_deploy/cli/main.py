@@ -71,11 +71,11 @@ def cmd_doctor(args):
 
 def _add_image_settings(p, edit: bool = False):
     which = "" if edit else "; official 80, bundled tiny-shapes 25"
-    p.add_argument("--steps", type=int, default=None, help=f"Euler steps (default: the model's own{which})")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--steps", type=int, default=None, metavar="N", help=f"Euler steps (default: the model's own{which})")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="X",
                    help="classifier-free guidance scale, 1 = off (default: the model's"
                         + ("" if edit else "; official 9.5, bundled 3") + ")")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--alpha", type=float, default=None, metavar="X",
                    help="time shift alpha, <1 spends more steps near noise (default: the model's"
                         + ("" if edit else "; official 0.5, bundled 1") + ")")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -93,17 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="text to image (PNG)", description="Generate an image from a prompt.")
-    g.add_argument("--prompt", required=True, help="what to draw, e.g. \"a red circle on the left\"")
-    g.add_argument("--out", required=True, help="output .png path")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="what to draw, e.g. \"a red circle on the left\"")
+    g.add_argument("--out", required=True, metavar="PNG", help="output .png path")
     _add_image_settings(g)
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("edit", help="edit an image with an instruction (PNG)",
                        description="Edit an image following an instruction.")
-    e.add_argument("--image", required=True, help="source image path (PNG, JPEG, ...)")
-    e.add_argument("--instruction", required=True)
-    e.add_argument("--out", required=True, help="output .png path")
+    e.add_argument("--image", required=True, metavar="PATH", help="source image (PNG, JPEG, ...)")
+    e.add_argument("--instruction", required=True, metavar="TEXT", help="what to change, e.g. \"make the circle blue\"")
+    e.add_argument("--out", required=True, metavar="PNG", help="output .png path")
     _add_image_settings(e, edit=True)
     add_model_args(e)
     e.set_defaults(func=cmd_edit)
@@ -111,14 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("ask", "answer a question about an image"), ("chat", "text-only chat")):
         a = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         if name == "ask":
-            a.add_argument("--image", required=True, help="image path (PNG, JPEG, ...)")
-            a.add_argument("--question", required=True)
+            a.add_argument("--image", required=True, metavar="PATH", help="image (PNG, JPEG, ...)")
+            a.add_argument("--question", required=True, metavar="TEXT",
+                           help="e.g. \"what color is the shape?\"")
         else:
-            a.add_argument("--prompt", required=True)
-        a.add_argument("--max-new-tokens", type=int, default=None,
+            a.add_argument("--prompt", required=True, metavar="TEXT", help="the message")
+        a.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                        help="most tokens to generate (default: the model's, 64)")
-        a.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
-        a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+        a.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature, 0 = greedy")
+        a.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold")
         a.add_argument("--timings", action="store_true", help="print per-stage timings (stderr)")
         add_model_args(a)
         a.set_defaults(func=cmd_ask if name == "ask" else cmd_chat)

@@ -7,6 +7,9 @@
 
 A graph is skipped when its manifest entry's source hash (checkpoint + model/export code) and spec hash
 (I/O, config, resolution, opset) are unchanged and its files exist, unless `force`.
+
+One file (over 400 lines): tracing, the weight streaming, slimming and verification of one graph are one
+memory-bounded procedure (each step holds at most one copy of the weights), followed by the manifest it feeds.
 """
 
 from __future__ import annotations

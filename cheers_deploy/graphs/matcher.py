@@ -1,4 +1,4 @@
-"""Find the gated-residual "hi gate" tail of the exported ``cfm_head`` graph (ARCHITECTURE.md §10): the region
+"""Find the gated-residual "hi gate" tail of the exported ``cfm_head`` graph (docs/architecture.md §10): the region
 build/surgery.py replaces by one ``CheersGatedResidual`` plugin node, and precision/quantize.py keeps out of INT8.
 Matching only: the ModelProto is never modified. One file because the graph view, the backward walk through the
 pattern and the checks on a match are one algorithm with a single entry point, ``find_gated_residuals``.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of Cheers with the official parameter names (ARCHITECTURE.md §2-§11, §16).
+"""Plain-PyTorch reference of Cheers with the official parameter names (docs/architecture.md §2-§11, §16).
 
 Importing this package needs torch (``pip install cheers-deploy[torch]``).
 """

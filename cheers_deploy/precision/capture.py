@@ -118,7 +118,7 @@ def jsonl_items(path) -> List[dict]:
 # --------------------------------------------------------------------------------------------- capture
 def capture(workdir, n: int = 16, max_mb: float = 512.0, data=None, seed: int = 1000, steps: int = DEFAULT_STEPS,
             cfg_scale: float = DEFAULT_CFG, alpha: float = DEFAULT_ALPHA, euler_samples: int = EULER_SAMPLES,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, threads: Optional[int] = None) -> dict:
     """Run the fp32 ORT pipeline on the calibration items and store their graph inputs. Returns the calib
     manifest."""
     workdir = Path(workdir)
@@ -130,7 +130,7 @@ def capture(workdir, n: int = 16, max_mb: float = 512.0, data=None, seed: int = 
     if not todo:
         return cm
     rec = FeedRecorder(euler_samples)
-    pipe = _recording_pipeline(workdir, rec)
+    pipe = _recording_pipeline(workdir, rec, threads)
     cap = int(max_mb * 1e6)
     d = calib_dir(workdir)
     d.mkdir(parents=True, exist_ok=True)
@@ -165,12 +165,13 @@ def capture(workdir, n: int = 16, max_mb: float = 512.0, data=None, seed: int = 
     return cm
 
 
-def _recording_pipeline(workdir, rec: FeedRecorder):
+def _recording_pipeline(workdir, rec: FeedRecorder, threads: Optional[int] = None):
     """The fp32 ORT pipeline with the recorder as its observer and as its backend's feed hook (no timings: they
     are not needed and would only add work)."""
     from ..runtime.pipeline import Pipeline
 
-    return Pipeline.from_workdir(workdir, backend="ort", on_feed=rec.on_feed, observers=[rec], timings=False)
+    return Pipeline.from_workdir(workdir, backend="ort", threads=threads, on_feed=rec.on_feed, observers=[rec],
+                                 timings=False)
 
 
 def _collect(records, arrays, counts, prefix):

@@ -10,6 +10,9 @@ classifier-free guidance, editing (docs/architecture.md §13). Every backend run
 
 Observers (observer.py) see every stage, token and Euler step; they are how timings, progress, streaming and
 calibration capture hook in. The pipeline is not thread-safe: one call at a time per instance.
+
+One file (over 400 lines) because the phases share one request state and read top to bottom as the algorithm of
+docs/architecture.md §13; the observers, the scheduler, masks and sampling live beside it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The staged training recipe (ARCHITECTURE.md §14.4, scaled down) with resumable safetensors checkpoints.
+"""The staged training recipe (docs/architecture.md §14.4, scaled down) with resumable safetensors checkpoints.
 One file because the recipe and the Trainer's phases share the Trainer's state (model, pool, cached latents,
 optimizer, EMA) and read top to bottom; checkpoint files live in checkpointing.py, loss.png in plots.py.
 

@@ -1,4 +1,4 @@
-"""The Cheers training loss (ARCHITECTURE.md §14.2-§14.3) on a batch from data.py, and the VAE pretraining loss.
+"""The Cheers training loss (docs/architecture.md §14.2-§14.3) on a batch from data.py, and the VAE pretraining loss.
 
     x_t = t*x1 + (1-t)*x0 ─ decoder projector ─ ViT ─ und projector ─┐  (+ dummy blocks)
     ids ─ embed ─────────────────────────────────────────────────────┴─ splice (gather) ─ LLM (§12.1 mask)

@@ -13,6 +13,9 @@ CUDA graphs captured stay valid as long as the arrays they point into are alive.
 
 The CUDA runtime module is cuda-python's (``compat.import_cudart``); ``use_runtime`` swaps in another object with
 the same functions (the tests run the logic on host memory that way).
+
+One file (over 400 lines) because it is one memory model: buffers, arrays, the KV cache and CUDA graphs share the
+pool, the stream ordering and the runtime override that the tests use.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -45,7 +46,7 @@ def plan_path(workdir, precision: str, tensorrt_version: str, compute_capability
 
 def how_to_make(workdir, precision: str) -> str:
     """The command that writes the graphs of `precision` into a workdir."""
-    wd = workdir
+    wd = shlex.quote(str(workdir))
     if precision == "fp32":
         return f"cheers-deploy export --out {wd}"
     if precision in ("fp16", "bf16"):

@@ -1,6 +1,10 @@
 """A host-memory stand-in for cuda-python's cudart: `FakeCudart` has cuda-python's function signatures
-(cudaMalloc returns real host addresses, copies are memmove, stream capture records and replays), so code written
-against cudart (cheers_deploy.trt.device_memory, the TensorRT backend) runs on every machine.
+(cudaMalloc returns real host addresses, 256-byte aligned like the real one; copies are memmove; stream capture
+records and replays), so code written against cudart (cheers_deploy.trt.device_memory, the TensorRT backend) runs
+on every machine. Like CUDA, a capture that is not in relaxed mode forbids capture-unsafe calls (cudaMalloc,
+cudaFree, synchronous copies, synchronising the capturing stream): they fail with
+cudaErrorStreamCaptureUnsupported and invalidate the capture (cudaStreamEndCapture then fails with
+cudaErrorStreamCaptureInvalidated).
 Used by tests/test_device_memory.py and tests/test_trt.py."""
 import ctypes
 import enum
@@ -15,6 +19,17 @@ class _Kind(enum.IntEnum):
     cudaMemcpyDeviceToHost = 2
     cudaMemcpyDeviceToDevice = 3
     cudaMemcpyDefault = 4
+
+
+class _Err(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorMemoryAllocation = 2
+    cudaErrorIllegalState = 401
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+ALIGN = 256                           # cudaMalloc returns at least 256-byte aligned addresses
 
 
 class _Mode(enum.IntEnum):
@@ -44,14 +59,17 @@ class FakeCudart:
 
     cudaMemcpyKind = _Kind
     cudaStreamCaptureMode = _Mode
+    cudaError_t = _Err
     cudaStreamNonBlocking = 1
 
     def __init__(self, name=b"Fake Orin", cc=(8, 7)):
         self.mem = {}                 # address -> numpy backing array (device allocations)
         self.host = {}                # pinned host allocations
         self.capturing = {}           # stream id -> list of recorded ops
+        self.capture_mode = {}        # stream id -> capture mode
+        self.invalidated = set()      # stream ids whose capture saw a capture-unsafe call
         self.name, self.cc = name, cc
-        self.calls = {"malloc": 0, "memcpy2d": 0, "graph_launch": 0, "instantiate": 0}
+        self.calls = {"malloc": 0, "memcpy2d": 0, "graph_launch": 0, "instantiate": 0, "unsafe_in_capture": 0}
 
     # -- helpers
     def enqueue(self, stream, fn):
@@ -62,9 +80,22 @@ class FakeCudart:
             fn()
         return 0
 
+    def _unsafe(self):
+        """A capture-unsafe call: refused (and the capture invalidated) while a non-relaxed capture runs."""
+        strict = [s for s, m in self.capture_mode.items() if m != _Mode.cudaStreamCaptureModeRelaxed]
+        if not strict:
+            return False
+        self.calls["unsafe_in_capture"] += 1
+        self.invalidated.update(strict)
+        return True
+
     def _alloc(self, table, n):
-        buf = np.zeros(max(int(n), 1), np.uint8)
+        n = max(int(n), 1)
+        raw = np.zeros(n + ALIGN, np.uint8)
+        skip = (-raw.ctypes.data) % ALIGN
+        buf = raw[skip:skip + n]                                # keeps `raw` alive through .base
         addr = buf.ctypes.data
+        assert addr % ALIGN == 0
         table[addr] = buf
         return addr
 
@@ -95,17 +126,25 @@ class FakeCudart:
 
     # -- memory
     def cudaMalloc(self, n):
+        if self._unsafe():
+            return _Err.cudaErrorStreamCaptureUnsupported, None
         self.calls["malloc"] += 1
         return 0, self._alloc(self.mem, n)
 
     def cudaFree(self, p):
+        if self._unsafe():
+            return (_Err.cudaErrorStreamCaptureUnsupported,)
         self.mem.pop(int(p), None)
         return (0,)
 
     def cudaMallocHost(self, n):
+        if self._unsafe():
+            return _Err.cudaErrorStreamCaptureUnsupported, None
         return 0, self._alloc(self.host, n)
 
     def cudaFreeHost(self, p):
+        if self._unsafe():
+            return (_Err.cudaErrorStreamCaptureUnsupported,)
         self.host.pop(int(p), None)
         return (0,)
 
@@ -117,6 +156,8 @@ class FakeCudart:
         ctypes.memmove(dst, src, n)
 
     def cudaMemcpy(self, dst, src, n, kind):
+        if self._unsafe():                                      # synchronous: not capturable
+            return (_Err.cudaErrorStreamCaptureUnsupported,)
         self._copy(int(dst), int(src), int(n), kind)
         return (0,)
 
@@ -150,18 +191,30 @@ class FakeCudart:
         return 0, _Stream()
 
     def cudaStreamSynchronize(self, s):
+        if int(s) in self.capturing:
+            self.invalidated.add(int(s))
+            return (_Err.cudaErrorStreamCaptureUnsupported,)
         return (0,)
 
     def cudaStreamDestroy(self, s):
         return (0,)
 
     def cudaStreamBeginCapture(self, s, mode):
-        assert int(s) not in self.capturing, "nested capture"
+        if int(s) in self.capturing:                            # already capturing
+            return (_Err.cudaErrorIllegalState,)
         self.capturing[int(s)] = []
+        self.capture_mode[int(s)] = _Mode(int(mode))
         return (0,)
 
     def cudaStreamEndCapture(self, s):
-        return 0, list(self.capturing.pop(int(s)))
+        if int(s) not in self.capturing:
+            return _Err.cudaErrorIllegalState, None
+        ops = self.capturing.pop(int(s))
+        self.capture_mode.pop(int(s), None)
+        if int(s) in self.invalidated:
+            self.invalidated.discard(int(s))
+            return _Err.cudaErrorStreamCaptureInvalidated, None
+        return 0, list(ops)
 
     def cudaGraphInstantiate(self, graph, flags):
         self.calls["instantiate"] += 1

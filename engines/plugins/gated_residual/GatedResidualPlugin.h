@@ -1,4 +1,4 @@
-// TensorRT IPluginV3 "CheersGatedResidual" (version "1", namespace ""): the fused hi-gate of ARCHITECTURE.md §10.
+// TensorRT IPluginV3 "CheersGatedResidual" (version "1", namespace ""): the fused hi-gate of docs/architecture.md §10.
 //
 //   inputs  0 low [.., C]   1 high [.., C]   2 h [.., C] (= gate.0 Linear output)   3 w2 [C] (gate.2.weight)
 //           4 b2 [1] (gate.2.bias)   5 ln_w [C]   6 ln_b [C]   (weights are network inputs: ONNX initializers)

@@ -1,4 +1,4 @@
-// Cheers hi-gate fused op (ARCHITECTURE.md §10): device code only.
+// Cheers hi-gate fused op (docs/architecture.md §10): device code only.
 //
 //   g[r]   = dot(SiLU(h[r, :]), w2) + b2                      (one scalar per token row)
 //   x[r,:] = low[r, :] + g[r] * high[r, :]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU correctness and speed check of the fused hi-gate kernel (engines/plugins/gated_residual).
 
-    out = LayerNorm(low + (dot(SiLU(h), w2) + b2) * high) * ln_w + ln_b          (ARCHITECTURE.md §10)
+    out = LayerNorm(low + (dot(SiLU(h), w2) + b2) * high) * ln_w + ln_b          (docs/architecture.md §10)
 
 For every case (dtype x C x rows) it draws fresh random inputs on the GPU, poisons the output with NaN, runs the
 kernel and compares with the float64 numpy reference computed from the same (rounded) inputs:
