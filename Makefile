@@ -17,7 +17,7 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cheers_deploy.demo --workdir $(WORK)
+	$(BIN)/python -m cheers_deploy.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow" tests

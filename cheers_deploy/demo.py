@@ -1,5 +1,8 @@
-"""`make demo`: export the bundled tiny model once, generate an image, answer a question about an image,
-and print per-stage timings of the onnxruntime backend."""
+"""`make demo`: run the bundled tiny model from the ONNX graphs the package ships (no export step, no torch needed),
+generate an image, answer a question about an image, and print per-stage timings of the onnxruntime backend.
+Images go to work/demo.
+
+--workdir DIR: export the model into DIR/graphs first (needs torch) and write the images to DIR."""
 
 from __future__ import annotations
 
@@ -7,10 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from .hub import bundled_checkpoint
+from .hub import bundled_checkpoint, bundled_workdir
+
+DEFAULT_OUT = Path("work/demo")
+REGENERATE = "python tools/make_bundled_graphs.py"
 
 
 def _checkpoint(workdir: Path) -> tuple[Path, bool]:
@@ -29,13 +36,37 @@ def _checkpoint(workdir: Path) -> tuple[Path, bool]:
     return rnd, False
 
 
+def _shipped_graphs(ckpt: Path) -> Optional[Path]:
+    """The package's exported graphs of the bundled model, when it ships them and they were exported from the bundled
+    weights (else None: the demo exports them itself)."""
+    shipped = bundled_workdir()
+    if shipped is None:
+        return None
+    from .checkpoint import checkpoint_hash
+    from .errors import CheckpointError
+    from .manifest import Manifest
+
+    try:
+        recorded = Manifest.load(shipped).checkpoint.get("hash")
+        if recorded == checkpoint_hash(ckpt):
+            return shipped
+    except CheckpointError as exc:
+        print(f"NOTE: the shipped graphs in {shipped} are unusable ({exc}); exporting instead.")
+        return None
+    print(f"NOTE: the shipped graphs in {shipped} were not exported from the bundled weights (regenerate them with "
+          f"`{REGENERATE}`); exporting instead.")
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workdir", default="work/tiny", help="where graphs, images and reports go")
+    ap.add_argument("--workdir", default=None,
+                    help=f"export the model into WORKDIR/graphs (needs torch) and write the images there (default: "
+                         f"run the graphs the package ships, images to {DEFAULT_OUT})")
     ap.add_argument("--prompt", default="a red circle on the left")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
     args = ap.parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir) if args.workdir is not None else DEFAULT_OUT
     workdir.mkdir(parents=True, exist_ok=True)
 
     ckpt, trained = _checkpoint(workdir)
@@ -45,19 +76,38 @@ def main(argv=None) -> int:
     else:
         print(f"model: bundled tiny-shapes checkpoint ({ckpt})")
 
-    from .export.exporter import export_all
     from .runtime.pipeline import Pipeline
 
-    graphs = workdir / "graphs"
-    export_all(ckpt, graphs)
+    graphs = _shipped_graphs(ckpt) if trained and args.workdir is None else None
+    if graphs is not None:
+        print(f"graphs: shipped with the package ({graphs}), no export step")
+    else:
+        from .export.exporter import export_all
+
+        graphs = workdir / "graphs"
+        print(f"graphs: exporting {ckpt} into {graphs}")
+        export_all(ckpt, graphs)
     pipe = Pipeline.from_workdir(graphs, backend="ort")
 
     from .cli.common import write_png
 
-    res = pipe.generate(args.prompt, steps=args.steps, cfg_scale=3.0, alpha=1.0, seed=0)
+    g = pipe.generation
+    steps = args.steps if args.steps is not None else g.steps
+    res = pipe.generate(args.prompt, steps=steps, seed=0)
     out = workdir / "demo_generate.png"
     write_png(res.image, out)
-    print(f"[generate] prompt={args.prompt!r} -> {out} ({res.image.shape[1]}x{res.image.shape[0]} PNG)")
+    print(f"[generate] prompt={args.prompt!r} ({steps} steps, cfg {g.cfg_scale:g}, time shift {g.alpha:g}: the "
+          f"model's defaults) -> {out} ({res.image.shape[1]}x{res.image.shape[0]} PNG)")
+    if trained:
+        from .eval.detector import score_generation
+
+        try:
+            score = score_generation(res.image, args.prompt)
+        except ValueError:                     # a prompt outside the shapes world: nothing to score
+            score = None
+        if score is not None:
+            found = ", ".join(f"{d.color} {d.shape} {d.position}" for d in score["matched"] if d is not None)
+            print(f"[generate] detector: {'correct' if score['overall'] else 'WRONG'} (found: {found or 'nothing'})")
     gen_t = res.timings
 
     if trained:

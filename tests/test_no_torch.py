@@ -73,3 +73,41 @@ def test_torch_free_parts_work_without_torch(reference_dir):
         print("ok")
     """)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
+
+
+def test_bundled_graphs_generate_and_answer_without_torch():
+    """The shipped graphs of the bundled model (what `pip install cheers-deploy` runs by default) on onnxruntime:
+    generate with the model's defaults, the detector scores it, a colour question is answered; torch stays blocked."""
+    proc = run_blocked("""
+        from cheers_deploy.eval.detector import score_generation
+        from cheers_deploy.hub import bundled_workdir
+        from cheers_deploy.runtime.pipeline import Pipeline
+        wd = bundled_workdir()
+        assert wd is not None, "the package ships no bundled graphs (python tools/make_bundled_graphs.py)"
+        pipe = Pipeline.from_workdir(wd, backend="ort", threads=2)
+        res = pipe.generate("a red circle on the left")
+        score = score_generation(res.image, "a red circle on the left")
+        assert score["overall"], score
+        ans = pipe.answer(res.image, "what color is the circle?")
+        assert ans.text.strip().lower() == "red", ans.text
+        assert sys.modules['torch'] is None
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
+
+
+def test_cli_runs_bundled_model_without_torch(tmp_path):
+    """`cheers-deploy generate` / `ask` with no --checkpoint / --workdir: the bundled graphs, no export, no torch."""
+    out = tmp_path / "x.png"
+    proc = run_blocked(f"""
+        from cheers_deploy.cli.main import main
+        rc = main(["generate", "--prompt", "a red circle on the left", "--out", {str(out)!r}])
+        assert rc == 0, rc
+        rc = main(["ask", "--image", {str(out)!r}, "--question", "what color is the circle?"])
+        assert rc == 0, rc
+        assert sys.modules['torch'] is None
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+    assert out.is_file()
+    assert "red" in [line.strip().lower() for line in proc.stdout.splitlines()], proc.stdout   # the answer line

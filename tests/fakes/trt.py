@@ -178,7 +178,9 @@ class FakeContext:
         self.engine, self.strategy = engine, strategy
         self.shapes, self.addr = {}, {}
         self.profile = 0                                 # TensorRT selects profile 0 for a new context
-        self.memory = None if strategy == ExecutionContextAllocationStrategy.USER_MANAGED else (1, 0)
+        # activation memory: the caller's (set_device_memory) for USER_MANAGED, else TensorRT's own
+        self.memory = None if strategy == ExecutionContextAllocationStrategy.USER_MANAGED else \
+            (0, engine.device_memory_size_v2)
         self.enqueued = 0
         self.ran = 0
 
@@ -189,11 +191,12 @@ class FakeContext:
         self.memory = (int(memory), int(size))
 
     def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
-        """True, or RuntimeError like the bindings (they raise where the C++ API returns false)."""
+        """True, or RuntimeError like the bindings (they raise "Error in set optimization profile async." where
+        the C++ API returns false: an index outside the engine's profiles). The fake also insists on the order
+        the backend uses for user-managed contexts: device memory first."""
         if not 0 <= int(profile_index) < self.engine.num_optimization_profiles or self.memory is None:
             raise RuntimeError("Error in set optimization profile async.")
         self.profile = int(profile_index)
-        self.shapes = {}                                 # a profile change resets the input shapes
         return True
 
     @property
@@ -507,8 +510,11 @@ def identity() -> dict:
 
 
 class Installed:
-    def __init__(self, cudart):
-        self.cudart = cudart
+    """What `install` put in place: `cudart` (the FakeCudart), `loaded` plugin libraries, `new_process`,
+    `uninstall`."""
+
+    def __init__(self, cudart, previous_runtime):
+        self.cudart, self._previous = cudart, previous_runtime
 
     @property
     def loaded(self):
@@ -521,6 +527,12 @@ class Installed:
 
         FakeTrt._registry = _PluginRegistry()
         monkeypatch.setattr(trt_plugin, "_LOADED", {})
+
+    def uninstall(self):
+        """Give device_memory its previous CUDA runtime back (monkeypatch undoes the rest)."""
+        from cheers_deploy.trt import device_memory as dm
+
+        dm.use_runtime(self._previous)
 
 
 def install(monkeypatch) -> Installed:
@@ -543,6 +555,4 @@ def install(monkeypatch) -> Installed:
     # the fake library file is no ELF: pretend it exports getCreators, so it goes through the registry
     monkeypatch.setattr(trt_plugin, "_exports", lambda path, symbol: symbol == "getCreators")
     monkeypatch.setattr(trt_plugin, "_LOADED", {})
-    inst = Installed(cud)
-    inst.uninstall = lambda: dm.use_runtime(prev)
-    return inst
+    return Installed(cud, prev)
