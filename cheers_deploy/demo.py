@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from .hub import bundled_checkpoint, bundled_workdir
 
 DEFAULT_OUT = Path("work/demo")

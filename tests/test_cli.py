@@ -2,7 +2,10 @@
 user sees on the bundled model (warnings, why `chat` gave no text), timings, progress bars, commands whose module
 does not import, the suggested commands of the engine builder, the precision plot and the quantizer's log.
 
-The runs use the bundled tiny-shapes model on the CPU (about a second each); nothing is exported."""
+The runs use the bundled tiny-shapes model on the CPU (about a second each); nothing is exported.
+
+One file (over 400 lines): the command line as a user meets it, one test per promise, sharing the bundled model.
+"""
 import argparse
 import importlib
 import logging
@@ -455,3 +458,16 @@ def test_precision_plot_legends_do_not_cover_bars():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_calibrate_refuses_the_shipped_graphs(capsys):
+    """Calibration writes into its workdir: never into the package's own bundled graphs."""
+    from cheers_deploy.hub import BUNDLED_GRAPHS
+
+    before = sorted(p.name for p in BUNDLED_GRAPHS.iterdir())
+    for sub in ("capture", "quantize", "convert", "sweep", "report"):
+        extra = ["--precision", "fp16"] if sub == "convert" else []
+        assert cli.main(["calibrate", sub, "--workdir", str(BUNDLED_GRAPHS), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "copy" in err and "\n" not in err
+    assert sorted(p.name for p in BUNDLED_GRAPHS.iterdir()) == before

@@ -4,6 +4,9 @@ No GPU needed: the kernel is compiled for every target architecture the local nv
 logic is exercised through ctypes, and the plugin's host logic runs against a TensorRT-free API subset. Against the
 real TensorRT headers the plugin is compiled only where they are installed (TENSORRT_ROOT / TRT_INCLUDE_DIR /
 system include dirs).
+
+One file (over 400 lines): every build check of one plugin (kernel, launcher, plugin host logic, CMake) shares
+the compiled artefacts of a session.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ errors, and the build -> TrtBackend -> pipeline path.
   `FakeTrt` + `FakePolygraphy` (tests/fakes/trt.py: engines that execute the exported graphs with ONNX Runtime,
   reading and writing the bound addresses) on `FakeCudart` host memory (tests/fakes/cuda.py), and must equal the
   ort backend.
+
+One file (over 400 lines): the TensorRT layer end to end (paths, build, load, run) against one set of fakes
+(tests/fakes/trt.py) and, where present, the real TensorRT.
 """
 import copy
 import functools

@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                       # run from a checkout without installing
@@ -85,7 +86,7 @@ def swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def make_bundled_graphs(target: Path = None, progress: bool = True):
+def make_bundled_graphs(target: Optional[Path] = None, progress: bool = True):
     """Export into a temporary folder next to `target` (default: the package's graphs folder) and swap it in."""
     from cheers_deploy.hub import BUNDLED_GRAPHS
 

@@ -9,6 +9,19 @@ import sys
 from .common import add_threads_arg
 
 
+def _writable_workdir(workdir) -> str:
+    """Every calibrate step writes into the workdir: never into the package's own bundled graphs."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..hub import BUNDLED_GRAPHS
+
+    if Path(workdir).resolve() == BUNDLED_GRAPHS.resolve():
+        raise InputError(f"{workdir} holds the bundled model's shipped graphs (part of the installed package): copy "
+                         f"it first (cp -r {workdir} work/tiny) and calibrate the copy")
+    return workdir
+
+
 def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("calibrate", help="FP16/BF16 conversion and INT8 calibration of exported graphs",
                               description="Precision workflow for TensorRT's strongly typed builds: capture "
@@ -86,6 +99,7 @@ def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
 
 
 def _capture(a) -> int:
+    _writable_workdir(a.workdir)
     from ..precision.capture import capture, summary
 
     cm = capture(a.workdir, n=a.n, max_mb=a.max_mb, data=a.data, seed=a.seed, steps=a.steps,
@@ -95,6 +109,7 @@ def _capture(a) -> int:
 
 
 def _quantize(a) -> int:
+    _writable_workdir(a.workdir)
     from ..precision.quantize import quantize
 
     quantize(a.workdir, a.graphs, a.method, a.exclude, exclude_hi_gate=not a.quantize_hi_gate,
@@ -103,6 +118,7 @@ def _quantize(a) -> int:
 
 
 def _convert(a) -> int:
+    _writable_workdir(a.workdir)
     from ..precision.convert import convert
 
     convert(a.workdir, a.precision, a.graphs, keep_fp32=not a.no_keep_fp32)
@@ -110,6 +126,7 @@ def _convert(a) -> int:
 
 
 def _sweep(a) -> int:
+    _writable_workdir(a.workdir)
     from ..precision.report import sweep
 
     res = sweep(a.workdir, steps=a.steps, psnr_min=a.psnr_min, agree_min=a.agree_min, per_layer=a.per_layer,
@@ -119,6 +136,7 @@ def _sweep(a) -> int:
 
 
 def _report(a) -> int:
+    _writable_workdir(a.workdir)
     from ..precision.report import report
 
     res = report(a.workdir, eval_n=a.eval_n, steps=a.steps, json_path=a.json, out_dir=a.out, precisions=a.precisions,

@@ -27,6 +27,9 @@ Design choices (docs/tensorrt.md):
   second occurrence and replayed afterwards (image steps, cfm_head and the vision tokenizer inside the Euler
   loop). Host copies stay outside the graph. A change of shapes or addresses invalidates the graph; a stage whose
   capture fails runs uncaptured from then on.
+
+One file (over 400 lines): loading, buffer sizing, binding, CUDA-graph capture and the stages act on the same
+engines, contexts and buffers; the device memory and the engine layout live in trt/.
 """
 
 from __future__ import annotations

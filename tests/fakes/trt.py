@@ -15,6 +15,9 @@ TensorRT backend run end to end on every machine. Used by tests/test_trt.py.
   (`Profile`, `CreateConfig`, `create_network`, `engine_bytes_from_network`) and records every build.
 * `install(monkeypatch)` puts both, with a `FakeCudart`, behind cheers_deploy.trt.compat / plugin /
   device_memory (what the builder and the backend import).
+
+One file (over 400 lines) because it mirrors one API surface: runtime, engines, contexts, parser, registry and
+Polygraphy's builder call each other as in TensorRT.
 """
 import collections
 import ctypes

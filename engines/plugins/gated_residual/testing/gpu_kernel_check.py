@@ -23,6 +23,9 @@ Usage (repository root):
   python engines/plugins/gated_residual/testing/gpu_kernel_check.py --cpu-selftest        # no GPU: checks the comparison / reference logic
 Writes JSON (default bench/results/gated_residual_<date>.json), prints a table, exits 1 on any correctness failure,
 2 when it cannot run (no GPU, no backend).
+
+One file (over 400 lines): a self-contained script that is copied to a GPU machine and run alone (ctypes and CuPy
+paths, references, timings, JSON), so it carries its own helpers.
 """
 
 from __future__ import annotations
