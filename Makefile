@@ -20,13 +20,13 @@ demo: $(STAMP)
 	$(BIN)/python -m cheers_deploy.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m "not slow" tests
+	$(BIN)/python -m pytest -q -rfEs -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m slow tests
+	$(BIN)/python -m pytest -q -rfEs -m slow tests
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m "slow or not slow" tests
+	$(BIN)/python -m pytest -q -rfEs -m "slow or not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/cheers-deploy bench --workdir $(WORK) --backends torch,ort --out bench/results/cpu

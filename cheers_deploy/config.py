@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import CheckpointError
+from .fileio import atomic_write_text
 
 
 def _from_dict(cls, d: Optional[dict]):
@@ -197,7 +198,7 @@ class CheersConfig:
             raise CheckpointError(f"{path}: {exc}") from None
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_name(cls, name: str) -> "CheersConfig":

@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .errors import CheckpointError
+from .fileio import atomic_path, atomic_write_text
 
 IMAGE_PLACEHOLDER = -200      # `<image>` in input ids: replaced by the image's understanding tokens
 IMAGE_GEN_PLACEHOLDER = -300  # `<image_gen>` (training only): generation target
@@ -161,12 +162,12 @@ class CheersTokenizer:
         """Write tokenizer.json + tokenizer_config.json (official layout, Cheers tokens and chat template included)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path / "tokenizer.json"))
+        with atomic_path(path / "tokenizer.json") as tmp:
+            self.tokenizer.save(str(tmp))
         cfg = copy.deepcopy(self.config) or dict(_DEFAULT_CONFIG)
         cfg["added_tokens_decoder"] = {
             str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                      "single_word": t.single_word, "special": t.special}
             for i, t in sorted(self.tokenizer.get_added_tokens_decoder().items())}
         cfg["chat_template"] = self.chat_template
-        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
+        atomic_write_text(path / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -131,8 +131,8 @@ def test_threads_option_everywhere_and_zero_is_one_line_error(name, capsys, tmp_
 
 def test_threads_reach_torch(capsys, torch_threads, shape_png):
     torch_threads.set_num_threads(2)
-    rc, out, err = run(capsys, "ask", "--image", str(shape_png), "--question", "what color is the shape?",
-                       "--max-new-tokens", "2", "--threads", "1")
+    rc, out, err = run(capsys, "ask", "--backend", "torch", "--image", str(shape_png), "--question",
+                       "what color is the shape?", "--max-new-tokens", "2", "--threads", "1")
     assert rc == 0, err
     assert torch_threads.get_num_threads() == 1
 

@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cheers_deploy.runtime.observer import PipelineObserver  # noqa: E402
 from cheers_deploy.runtime.masks import prefill_mask  # noqa: E402
 from cheers_deploy.runtime.sampling import euler_dts, schedule  # noqa: E402
 from cheers_deploy.tokenizer import IMAGE_PLACEHOLDER  # noqa: E402
@@ -64,10 +65,22 @@ def T(reference, key):
     return torch.from_numpy(np.ascontiguousarray(reference[key]))
 
 
+class _SampledLogits(PipelineObserver):
+    """The logits row every sampled token was drawn from (batch element 0), through the pipeline's observer."""
+
+    def __init__(self, rec):
+        self.rec = rec
+
+    def on_token(self, index, token_id, logits):
+        self.rec["logits"].append(np.array(logits, np.float32))
+
+
 @contextmanager
 def recording(backend):
-    """Record what the pipeline passes to the backend stages (instance attributes shadow the methods)."""
+    """Record what the pipeline passes to the backend stages (instance attributes shadow the methods) and, through
+    an observer, the logits each token was sampled from."""
     rec = {"backbone": [], "logits": [], "cfm_head": [], "vision_tokenize": [], "cache": []}
+    rec["observer"] = _SampledLogits(rec)
     tn = backend.to_numpy
 
     def wrap(name, keep):
@@ -79,9 +92,9 @@ def recording(backend):
             return out
         setattr(backend, name, f)
 
-    wrap("backbone", lambda a, o: {"start": a[2], "mask": None if a[3] is None else np.array(a[3]),
-                                   "embeds": tn(a[1]), "hidden": tn(o)})
-    wrap("logits", lambda a, o: np.array(o, np.float32))
+    wrap("backbone", lambda a, o: {"start": a[2], "mask": None if a[3] is None else np.array(a[3]), "mode": a[4],
+                                   "embeds": tn(a[1]), "hidden": tn(o[0]),
+                                   "logits": None if o[1] is None else np.array(o[1], np.float32)})
     wrap("cfm_head", lambda a, o: {"t": np.array(a[2]), "v": tn(o)})
     wrap("vision_tokenize", lambda a, o: tn(a[0]))
     orig_new_cache = backend.new_cache
@@ -94,7 +107,7 @@ def recording(backend):
     try:
         yield rec
     finally:
-        for name in ("backbone", "logits", "cfm_head", "vision_tokenize", "new_cache"):
+        for name in ("backbone", "cfm_head", "vision_tokenize", "new_cache"):
             backend.__dict__.pop(name, None)
 
 
@@ -102,17 +115,22 @@ def recording(backend):
 def runs(ref_pipeline, reference):
     """The three official runs through the public API, once, with the stage inputs/outputs recorded."""
     R, be, out = reference, ref_pipeline.backend, {}
+    def keep(rec):
+        return {k: list(v) for k, v in rec.items() if k != "observer"}
+
     with recording(be) as rec:
-        res = ref_pipeline.answer(R["inputs/test_image_uint8"], I2T_QUESTION, max_new_tokens=16)
-        out["i2t"] = (res, {k: list(v) for k, v in rec.items()})
+        res = ref_pipeline.answer(R["inputs/test_image_uint8"], I2T_QUESTION, max_new_tokens=16,
+                                  observer=rec["observer"])
+        out["i2t"] = (res, keep(rec))
     with recording(be) as rec:
-        res = ref_pipeline.chat(T2T_PROMPT, max_new_tokens=16, dummy_image=R["inputs/dummy_image_uint8"])
-        out["t2t"] = (res, {k: list(v) for k, v in rec.items()})
+        res = ref_pipeline.chat(T2T_PROMPT, max_new_tokens=16, dummy_image=R["inputs/dummy_image_uint8"],
+                                observer=rec["observer"])
+        out["t2t"] = (res, keep(rec))
     with recording(be) as rec:
         res = ref_pipeline.generate(T2I_PROMPT, steps=STEPS, cfg_scale=CFG, alpha=ALPHA,
                                     noise=R["t2i/initial_noise"][0], dummy_image=R["inputs/dummy_image_uint8"],
-                                    max_new_tokens=4)
-        out["t2i"] = (res, {k: list(v) for k, v in rec.items()})
+                                    max_new_tokens=4, observer=rec["observer"])
+        out["t2i"] = (res, keep(rec))
     return out
 
 
@@ -148,17 +166,26 @@ def test_t2i_image(runs, reference, ref_pipeline):
 def test_step0_logits(runs, reference, mode):
     _, rec = runs[mode]
     first = rec["logits"][0]
-    assert first.shape == (2 if mode == "t2i" else 1, 151936)
-    assert_close(first[0], reference[f"{mode}/step0_logits"], 0.1, f"{mode} step-0 logits")
+    assert first.shape == (151936,)
+    assert_close(first, reference[f"{mode}/step0_logits"], 0.1, f"{mode} step-0 logits")
+    calls = [c for c in rec["backbone"] if c["logits"] is not None]
+    assert [c["mode"] for c in rec["backbone"] if c["logits"] is None] == ["image_step"] * \
+        (STEPS if mode == "t2i" else 0)                          # image steps return no logits
     if mode != "t2i":   # i2t/t2t: the same row as the prefill's last position
-        assert_close(first[0], reference[f"{mode}/prefill_logits_last_forward"], 0.1, f"{mode} prefill logits")
+        assert calls[0]["mode"] == "prefill" and calls[0]["logits"].shape == (1, 151936)
+        assert_close(first, reference[f"{mode}/prefill_logits_last_forward"], 0.1, f"{mode} prefill logits")
+        np.testing.assert_array_equal(first, calls[0]["logits"][0])
+    else:               # t2i: sampled first after the image, at <im_end>, from the CFG batch (2 rows)
+        after = next(c for c in calls if c["mode"] == "decode")
+        assert after["logits"].shape == (2, 151936)
+        np.testing.assert_array_equal(first, after["logits"][0])
 
 
 @pytest.mark.parametrize("mode", ["i2t", "t2t", "t2i"])
 def test_top5_logits_every_step(runs, reference, columns, mode):
     _, rec = runs[mode]
     want_vals, want_ids = reference[f"{mode}/step_top5_values"], reference[f"{mode}/step_top5_ids"]
-    rows = np.stack([lg[0] for lg in rec["logits"]])
+    rows = np.stack(rec["logits"])
     assert rows.shape[0] == want_vals.shape[0]
     top_ids = np.argsort(-rows, axis=1, kind="stable")[:, :5]
     assert (top_ids[:, 0] == want_ids[:, 0]).all()

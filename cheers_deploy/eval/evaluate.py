@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data import shapes as W
 from .detector import score_generation
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 DEFAULTS = {"n": 100, "steps": 25, "cfg_scale": 3.0, "alpha": 1.0}
 
@@ -186,5 +187,7 @@ def save_grid(images, path, scale: int = 2) -> None:
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
         grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = t
-    cv2.imwrite(str(path), grid[:, :, ::-1])
-    Path(path).with_suffix(".txt").write_text("\n".join(p for p, _ in images) + "\n")
+    ok, png = cv2.imencode(".png", grid[:, :, ::-1])
+    if ok:
+        atomic_write_bytes(path, png.tobytes())
+    atomic_write_text(Path(path).with_suffix(".txt"), "\n".join(p for p, _ in images) + "\n")

@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint import load_state_into, save_state
 from ..fileio import atomic_path, write_json
+from ..fileio import atomic_write_text
 
 STATE_FILE = "trainer_state.json"
 TRAINER_DIR = "trainer"
@@ -47,7 +48,7 @@ def save_checkpoint(out_dir, model, cfg, tokenizer, *, step: int, stage: str, co
     cfg.save(out / "config.json")
     tokenizer.save(out)
     res = cfg.vision_representation_config.image_size
-    (out / "preprocessor_config.json").write_text(json.dumps({
+    atomic_write_text(out / "preprocessor_config.json", json.dumps({
         "image_processor_type": "UMMImageProcessor", "processor_class": "UMMProcessor",
         "scale_resolution": res, "patch_size": cfg.vision_representation_config.patch_size}, indent=2) + "\n")
     if ema is not None:
