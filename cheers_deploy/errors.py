@@ -22,7 +22,8 @@ def require_torch():
 
     Before torch's first import, OpenMP worker threads are told to sleep rather than spin while they wait
     (OMP_WAIT_POLICY=PASSIVE, unless the user set it): on a machine where other programs run, spinning threads
-    made one image 9x slower (docs/performance.md, "Threads"). It has no effect once torch is loaded."""
+    made one image 8x slower (docs/performance.md, "Threads on a busy machine"). It has no effect once torch is
+    loaded."""
     import os
     import sys
 

@@ -283,3 +283,15 @@ def test_torch_vs_ort_benchmark_smoke(tiny_ckpt, tiny_workdir):
     for k in ("torch", "ort"):
         assert r[k]["per_image_s"] > 0 and r[k]["per_step_s"] > 0
     assert r["speedup_per_image"] > 0
+
+
+def test_threads_do_not_spin_by_default(tiny_workdir):
+    """Idle intra-op threads sleep unless asked to spin (docs/performance.md, threads on a busy machine)."""
+    from cheers_deploy.runtime.ort_backend import OrtBackend
+
+    key = "session.intra_op.allow_spinning"
+    quiet = OrtBackend(tiny_workdir, threads=1, graphs=("vae_decoder",))
+    spin = OrtBackend(tiny_workdir, threads=1, graphs=("vae_decoder",), spin=True)
+    assert quiet.runners["vae_decoder"].session.get_session_options().get_session_config_entry(key) == "0"
+    assert spin.runners["vae_decoder"].session.get_session_options().get_session_config_entry(key) == "1"
+    assert quiet.threads == 1 and quiet.runners["vae_decoder"].session.get_session_options().intra_op_num_threads == 1

@@ -1,10 +1,11 @@
-"""How thread settings behave on a busy machine: time the bundled model's text-to-image on the torch backend in fresh
-processes (OpenMP reads its settings once, at start-up), with and without other programs keeping the cores busy.
+"""How thread settings behave on a busy machine: time the bundled model's text-to-image on the torch and ONNX Runtime
+backends in fresh processes (OpenMP reads its settings once, at start-up), with and without other programs keeping
+the cores busy.
 
     python -m cheers_deploy.bench.threads [--load N] [--runs 3] [--json out.json]
 
-Rows: the package default (physical cores, OpenMP threads sleep while they wait), the same with spinning waits
-(OMP_WAIT_POLICY=ACTIVE, what torch does when nothing sets it), and one thread. The load is N busy-looping processes
+Rows: the package default (physical cores, OpenMP threads sleep while they wait), OpenMP's own default (threads spin
+for a while before they sleep: what torch does when nothing sets it), a short spin, spinning waits, and one thread. The load is N busy-looping processes
 started for the duration of the measurement (N = the core count by default; --load 0 for a quiet machine).
 """
 
@@ -23,19 +24,31 @@ import time
 CHILD = r"""
 import json, sys, time
 from cheers_deploy.runtime.pipeline import Pipeline
-threads = None if sys.argv[1] == "default" else int(sys.argv[1])
-pipe = Pipeline.from_pretrained(None, threads=threads, timings=False)
+backend, threads, runs = sys.argv[1], (None if sys.argv[2] == "default" else int(sys.argv[2])), int(sys.argv[3])
+if backend == "torch":
+    pipe = Pipeline.from_pretrained(None, threads=threads, timings=False)
+else:
+    from cheers_deploy.hub import bundled_workdir
+    pipe = Pipeline.from_workdir(bundled_workdir(), threads=threads, timings=False, spin=sys.argv[4] == "spin")
 pipe.generate("a red circle on the left", seed=0)                   # warm-up
 times = []
-for i in range(int(sys.argv[2])):
+for i in range(runs):
     t0 = time.perf_counter(); pipe.generate("a red circle on the left", seed=i); times.append(time.perf_counter() - t0)
-import torch
-print(json.dumps({"times_s": times, "torch_threads": torch.get_num_threads()}))
+n = pipe.backend.threads
+print(json.dumps({"times_s": times, "threads": n}))
 """
 
-CONFIGS = [("default (physical cores, passive wait)", "default", {}),
-           ("physical cores, spinning wait (OMP_WAIT_POLICY=ACTIVE)", "default", {"OMP_WAIT_POLICY": "ACTIVE"}),
-           ("1 thread", "1", {})]
+# (label, backend, threads, environment, extra argument)
+CONFIGS = [("torch: package default (physical cores, passive wait)", "torch", "default", {}, ""),
+           ("torch: OpenMP's own default (spin 300k iterations, then sleep)", "torch", "default",
+            {"OMP_WAIT_POLICY": ""}, ""),
+           ("torch: short spin (GOMP_SPINCOUNT=10000)", "torch", "default",
+            {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"}, ""),
+           ("torch: spinning wait (OMP_WAIT_POLICY=ACTIVE)", "torch", "default", {"OMP_WAIT_POLICY": "ACTIVE"}, ""),
+           ("torch: 1 thread", "torch", "1", {}, ""),
+           ("ort: package default (physical cores, no spinning)", "ort", "default", {}, "nospin"),
+           ("ort: spinning threads (onnxruntime's own default)", "ort", "default", {}, "spin"),
+           ("ort: 1 thread", "ort", "1", {}, "nospin")]
 
 
 def _burn(stop):
@@ -52,26 +65,26 @@ def run(load: int, runs: int) -> dict:
     rows = []
     try:
         time.sleep(0.5 if load else 0.0)
-        for label, threads, env in CONFIGS:
-            e = dict(os.environ, **env)
-            if "OMP_WAIT_POLICY" not in env:
-                e.pop("OMP_WAIT_POLICY", None)
-            out = subprocess.run([sys.executable, "-c", CHILD, threads, str(runs)], env=e, capture_output=True,
-                                 text=True, timeout=1800)
+        for label, backend, threads, env, extra in CONFIGS:
+            e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            e.update(env)            # "" = unset for OpenMP, but present, so the package does not set its default
+            out = subprocess.run([sys.executable, "-c", CHILD, backend, threads, str(runs), extra], env=e,
+                                 capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
                 rows.append({"config": label, "error": out.stderr.strip().splitlines()[-1:]})
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"config": label, "torch_threads": r["torch_threads"],
+            rows.append({"config": label, "backend": backend, "threads": r["threads"],
                          "median_s": statistics.median(r["times_s"]), "times_s": r["times_s"]})
     finally:
         stop.set()
         for p in procs:
             p.join(timeout=5)
-    base = next((r["median_s"] for r in rows if "median_s" in r), None)
-    for r in rows:
-        if "median_s" in r and base:
-            r["vs_default"] = r["median_s"] / base
+    for backend in ("torch", "ort"):
+        base = next((r["median_s"] for r in rows if r.get("backend") == backend and "median_s" in r), None)
+        for r in rows:
+            if r.get("backend") == backend and "median_s" in r and base:
+                r["vs_default"] = r["median_s"] / base
     return {"machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
                         "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d"), "load_processes": load, "runs": runs,
@@ -93,10 +106,10 @@ def main(argv=None) -> int:
           f"load: {a.load} busy processes")
     for r in res["rows"]:
         if "error" in r:
-            print(f"  {r['config']:58s} failed: {r['error']}")
+            print(f"  {r['config']:64s} failed: {r['error']}")
         else:
-            print(f"  {r['config']:58s} {r['median_s']:7.2f} s/image  x{r['vs_default']:.2f}  "
-                  f"(torch threads {r['torch_threads']})")
+            print(f"  {r['config']:64s} {r['median_s']:7.3f} s/image  x{r['vs_default']:.2f} of the default  "
+                  f"({r['threads']} threads)")
     if a.json:
         from ..fileio import write_json
 

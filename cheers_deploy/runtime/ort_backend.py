@@ -128,7 +128,8 @@ class OrtBackend(GraphBackend):
 
     def __init__(self, workdir, providers: Optional[Sequence[Provider]] = None, manifest: Optional[Manifest] = None,
                  threads: Optional[int] = None, io_binding: Optional[bool] = None, graphs: Sequence[str] = GRAPHS,
-                 cache_len: str = "auto", precision: Optional[str] = None, on_feed: Optional[FeedHook] = None):
+                 cache_len: str = "auto", precision: Optional[str] = None, on_feed: Optional[FeedHook] = None,
+                 spin: bool = False):
         """workdir: an exported workdir (manifest.json + graphs). providers: onnxruntime providers in priority
         order (default CPU). threads: intra-op threads (default: onnxruntime's choice). io_binding: None =
         on for device providers. cache_len: size of the static KV buffer, allocated once per generation and
@@ -138,7 +139,9 @@ class OrtBackend(GraphBackend):
         'max_context' with a device provider, else 'request'. precision: which graph files to run (fp32 = the
         export; fp16/bf16/int8/mixed from `cheers-deploy calibrate`). on_feed(graph, mode, feed): called with
         every graph's input feed before it runs (mode: the backbone's phase, else None) - how calibration
-        records real activations."""
+        records real activations. spin: let idle intra-op threads spin (onnxruntime's default) instead of
+        sleeping; off by default because spinning threads slow everything down on a shared machine and were not
+        faster on an idle one either (python -m cheers_deploy.bench.threads, docs/performance.md)."""
         ort = _import_ort()
         self._open_workdir(workdir, manifest, graphs)
         if self.manifest.precision != EXPORT_PRECISION:
@@ -163,7 +166,8 @@ class OrtBackend(GraphBackend):
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
-        self.threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.threads, self.spin = threads, bool(spin)
         self.runners: Dict[str, GraphRunner] = {}
         for g in graphs:
             entry = self.manifest.graph(g)

@@ -1,7 +1,8 @@
 """How many CPU threads a run uses. A robot or kiosk runs other programs beside the model: more intra-op threads
-than the cores this process may use, or OpenMP threads that spin while they wait, slow every stage down by an
-order of magnitude on a loaded machine (measured: 0.5 s -> 4.9 s per image on 2 busy cores). The default is the
-number of physical cores available to the process (affinity mask and cgroup quota), never more."""
+than the cores this process may use, or threads that spin while they wait, slow every stage down by up to an order
+of magnitude on a loaded machine (torch: 0.55 s -> 4.4 s per image with OpenMP's default spinning on 2 busy cores;
+docs/performance.md, `python -m cheers_deploy.bench.threads`). The default is the number of physical cores available
+to the process (affinity mask and cgroup quota), never more."""
 
 from __future__ import annotations
 
