@@ -153,6 +153,7 @@ class Pipeline:
         self.timings = bool(timings)
         self.vocabulary = vocabulary
         self.timer = StageTimer()
+        self._obs = _Observers([self.timer] + self.observers)     # per call: + the call's own observers
 
     # ------------------------------------------------------------------ construction
     @classmethod
