@@ -34,7 +34,13 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU wheel this project pins (any other spec pulls GBs of CUDA wheels)
         "torch": ["torch==2.13.0", "onnxslim>=0.1.30", "onnxscript>=0.1", "matplotlib>=3.7"],
-        "test": ["pytest>=7", "transformers==4.51.3", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "transformers==4.51.3", "matplotlib>=3.7",
+                 # tests/test_serve.py: the server and its clients
+                 "starlette>=0.40", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.19",
+                 "python-multipart>=0.0.9", "httpx>=0.27", "openai>=1.40"],
+        # cheers-deploy serve (docs/serving.md); the runtime never imports these
+        "serve": ["starlette>=0.40", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.19",
+                  "python-multipart>=0.0.9"],
         "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.0"],
         "trt": ["polygraphy>=0.49", "cuda-python>=12.0"],
     },

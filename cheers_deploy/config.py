@@ -4,6 +4,9 @@ Absent fields take the official class defaults (docs/architecture.md §1), which
 released values in several places (for example ``num_hidden_layers`` of the text model is absent
 from the released file and defaults to 28). Unknown keys are kept and written back unchanged.
 No torch here: the runtime reads the same config.
+
+A config.json comes from outside: `from_dict` checks every known field's type (one error naming the field) and
+`check` bounds every size (LIMITS) and the couplings the model relies on, before anything is allocated.
 """
 
 from __future__ import annotations
@@ -11,20 +14,63 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import CheckpointError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
+
+# Sane bounds of every size field (inclusive), far outside any real Cheers model (the official one: hidden 1536 /
+# 1152, 28 / 27 layers, vocabulary 151936), far inside what would exhaust memory before a check could run.
+LIMITS: Dict[str, Tuple[int, int]] = {
+    "resolution": (1, 16384), "in_channels": (1, 64), "out_ch": (1, 64), "num_channels": (1, 64),
+    "ch": (1, 8192), "z_channels": (1, 4096), "num_res_blocks": (0, 64), "ch_mult": (1, 64),
+    "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024), "image_size": (1, 16384),
+    "patch_size": (1, 1024), "vocab_size": (1, 1 << 22), "max_position_embeddings": (1, 1 << 24),
+    "gen_head_depth": (0, 1024), "hi_head_depth": (0, 1024),
+}
+MAX_LEVELS = 8                      # VAE ch_mult entries
+MAX_EMBED_VALUES = 1 << 32          # vocab_size * hidden_size
 
 
-def _from_dict(cls, d: Optional[dict]):
+def _typed(value, default, where: str, name: str):
+    """`value` checked against the type of the field's default (int, float, bool, str, list of int)."""
+    def bad(want):
+        return CheckpointError(f"{where}: field '{name}' must be {want}, got {value!r:.60}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a number")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise bad("a list of integers")
+        value = list(value)
+    return value
+
+
+def _from_dict(cls, d: Optional[dict], where: str = "config", section: str = ""):
+    if d is not None and not isinstance(d, dict):
+        raise CheckpointError(f"{where}: field '{section}' must be an object, got {type(d).__name__}")
     d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    known = {k: v for k, v in d.items() if k in names and k != "extra"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    defaults = cls()
+    known = {k: _typed(v, getattr(defaults, k), where, f"{section}.{k}" if section else k)
+             for k, v in d.items() if k in fields}
     obj = cls(**known)
-    obj.extra = {k: v for k, v in d.items() if k not in names}
+    obj.extra = {k: v for k, v in d.items() if k not in fields}
     return obj
 
 
@@ -128,40 +174,84 @@ class CheersConfig:
     def vae_downsample(self) -> int:
         return 2 ** (len(self.vae_encoder_config.ch_mult) - 1)
 
-    def check(self) -> None:
-        """The couplings of docs/architecture.md §1.5 / §19.1 that the sampler relies on."""
+    def check_bounds(self, where: str = "config") -> None:
+        """Every size field within LIMITS (and positive epsilons / rope base): a config.json with hidden_size 10**9
+        is refused here, before a tensor, a graph or a buffer is sized from it."""
+        sections = (("vae_encoder_config", self.vae_encoder_config), ("vae_decoder_config", self.vae_decoder_config),
+                    ("vision_representation_config", self.vision_representation_config),
+                    ("text_config", self.text_config), ("", self))
+        for sname, sec in sections:
+            for f in dataclasses.fields(sec):
+                if f.name not in LIMITS:
+                    continue
+                lo, hi = LIMITS[f.name]
+                value = getattr(sec, f.name)
+                name = f"{sname}.{f.name}" if sname else f.name
+                values = value if isinstance(value, list) else [value]
+                if isinstance(value, list) and not 1 <= len(value) <= MAX_LEVELS:
+                    raise CheckpointError(f"{where}: field '{name}' must have 1..{MAX_LEVELS} entries, "
+                                          f"got {len(value)}")
+                for v in values:
+                    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                        raise CheckpointError(f"{where}: field '{name}' = {v!r:.40} is out of range {lo}..{hi}")
+        t, v = self.text_config, self.vision_representation_config
+        for name, x in (("text_config.rope_theta", t.rope_theta), ("text_config.rms_norm_eps", t.rms_norm_eps),
+                        ("vision_representation_config.layer_norm_eps", v.layer_norm_eps)):
+            if not (math.isfinite(x) and 0 < x <= 1e12):
+                raise CheckpointError(f"{where}: field '{name}' = {x!r:.40} must be a positive number")
+        if t.vocab_size * t.hidden_size > MAX_EMBED_VALUES:
+            raise CheckpointError(f"{where}: field 'text_config.vocab_size' x 'hidden_size' = "
+                                  f"{t.vocab_size * t.hidden_size} values is more than {MAX_EMBED_VALUES}")
+
+    def check(self, where: str = "config") -> None:
+        """The size bounds (check_bounds), then the couplings of docs/architecture.md §1.5 / §19.1 that the sampler
+        relies on. Messages start with `where` (the file and field the config came from)."""
+        self.check_bounds(where)
         enc, dec = self.vae_encoder_config, self.vae_decoder_config
         if enc.z_channels != dec.z_channels:
-            raise CheckpointError(f"config: vae encoder z_channels {enc.z_channels} != decoder {dec.z_channels}")
+            raise CheckpointError(f"{where}: vae encoder z_channels {enc.z_channels} != decoder {dec.z_channels}")
         if dec.ch != self.latent_channels:
             raise CheckpointError(
-                f"config: vae_decoder_config.ch ({dec.ch}) is the velocity width and must equal the latent "
+                f"{where}: vae_decoder_config.ch ({dec.ch}) is the velocity width and must equal the latent "
                 f"channel count 4*z_channels ({self.latent_channels})")
         if len(enc.ch_mult) != len(dec.ch_mult):
-            raise CheckpointError("config: encoder and decoder ch_mult must have the same number of levels")
+            raise CheckpointError(f"{where}: encoder and decoder ch_mult must have the same number of levels")
         v, t = self.vision_representation_config, self.text_config
         if v.hidden_size % v.num_attention_heads or t.hidden_size % t.num_attention_heads:
-            raise CheckpointError("config: hidden_size must be divisible by num_attention_heads")
+            raise CheckpointError(f"{where}: hidden_size must be divisible by num_attention_heads")
         if t.num_attention_heads % t.num_key_value_heads or v.num_attention_heads % t.num_key_value_heads:
-            raise CheckpointError("config: attention heads must be a multiple of text num_key_value_heads")
+            raise CheckpointError(f"{where}: attention heads must be a multiple of text num_key_value_heads")
+        if t.head_dim % 2:
+            raise CheckpointError(f"{where}: the text head size hidden_size/num_attention_heads = {t.head_dim} must "
+                                  f"be even (rotary embeddings)")
+        if v.image_size % v.patch_size:
+            raise CheckpointError(f"{where}: vision image_size {v.image_size} must be a multiple of patch_size "
+                                  f"{v.patch_size}")
         if 2 * self.vae_downsample != v.patch_size:
             raise CheckpointError(
-                f"config: the VAE downsamples by {self.vae_downsample} and the latent is 2x2-patchified, so "
+                f"{where}: the VAE downsamples by {self.vae_downsample} and the latent is 2x2-patchified, so "
                 f"the ViT patch size must be {2 * self.vae_downsample} (found {v.patch_size})")
 
     # ---- (de)serialisation in the official schema ----
     @classmethod
-    def from_dict(cls, d: dict) -> "CheersConfig":
+    def from_dict(cls, d: dict, where: str = "config") -> "CheersConfig":
+        """Typed: a known field of the wrong type is a CheckpointError naming `where` and the field (sizes are
+        bounded by `check`)."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         cfg = cls(
-            vae_encoder_config=_from_dict(VAEEncoderConfig, d.pop("vae_encoder_config", None)),
-            vae_decoder_config=_from_dict(VAEDecoderConfig, d.pop("vae_decoder_config", None)),
-            vision_representation_config=_from_dict(VisionConfig, d.pop("vision_representation_config", None)),
-            text_config=_from_dict(TextConfig, d.pop("text_config", None)),
+            vae_encoder_config=_from_dict(VAEEncoderConfig, d.pop("vae_encoder_config", None), where,
+                                          "vae_encoder_config"),
+            vae_decoder_config=_from_dict(VAEDecoderConfig, d.pop("vae_decoder_config", None), where,
+                                          "vae_decoder_config"),
+            vision_representation_config=_from_dict(VisionConfig, d.pop("vision_representation_config", None), where,
+                                                    "vision_representation_config"),
+            text_config=_from_dict(TextConfig, d.pop("text_config", None), where, "text_config"),
         )
         for name in ("gen_head_depth", "hi_head_depth"):
             if name in d:
-                setattr(cfg, name, int(d.pop(name)))
+                setattr(cfg, name, _typed(d.pop(name), 0, where, name))
         cfg.extra = d
         return cfg
 
@@ -183,19 +273,11 @@ class CheersConfig:
 
     @classmethod
     def from_file(cls, path) -> "CheersConfig":
+        """Read a config.json (fileio.read_json: size cap, strict JSON) and type its fields; `check` bounds them."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"missing config file: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        try:
-            return cls.from_dict(d)
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
+        return cls.from_dict(read_json(path), str(path))
 
     def save(self, path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

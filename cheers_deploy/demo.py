@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .cli.common import check_out_dir, setting_arg
 from .hub import bundled_checkpoint, bundled_workdir
 
 DEFAULT_OUT = Path("work/demo")
@@ -57,14 +58,30 @@ def _shipped_graphs(ckpt: Path) -> Optional[Path]:
 
 
 def main(argv=None) -> int:
+    """The demo; a failure is one line on stderr (exit 2, 1 for an unexpected error), as in cheers-deploy."""
+    from .cli.main import describe_failure
+
+    try:
+        return _demo(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, like the CLI
+        line, rc = describe_failure(exc)
+        print(f"error: {line}", file=sys.stderr)
+        return rc
+
+
+def _demo(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default=None,
                     help=f"export the model into WORKDIR/graphs (needs torch) and write the images there (default: "
                          f"run the graphs the package ships, images to {DEFAULT_OUT})")
     ap.add_argument("--prompt", default="a red circle on the left")
-    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's own)")
+    ap.add_argument("--steps", type=setting_arg("steps"), default=None, help="Euler steps (default: the model's own)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir is not None else DEFAULT_OUT
+    check_out_dir(workdir, "--workdir")            # a folder that can be written, before any export or run
     workdir.mkdir(parents=True, exist_ok=True)
 
     ckpt, trained = _checkpoint(workdir)

@@ -13,17 +13,23 @@ validates them share their field names and error messages.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .constants import CACHE_LAYOUT, EMBED_FILE, EXPORT_PRECISION, MANIFEST_FORMAT, MANIFEST_NAME, TOKENIZER_FILES
 from .errors import CheckpointError
-from .fileio import write_json
+from .fileio import check_relative, contained, read_json, write_json
+
+VOCABULARY_FILE = "vocabulary.json"     # vocabulary.py (a layer above) reads it; check_files checks it is contained
 
 FORMAT = MANIFEST_FORMAT
 Dim = Union[int, str]                  # int = static, str = named dynamic axis
+# tensor dtypes a manifest may declare (numpy names; graph I/O keeps the export's dtypes in every precision)
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+MAX_DIM = 1 << 31                      # a static tensor size
+MAX_RANK = 8
+MAX_COUNT = 4096                       # tensors per graph, profiles, graphs...
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,6 +81,30 @@ class _Reader:
     def obj(self, key: str, default=...) -> "_Reader":
         return _Reader(self.get(key, dict, default), self.where, self._name(key))
 
+    def int_in(self, key: str, lo: int, hi: int, default=..., allow_none: bool = False):
+        """An integer field within lo..hi."""
+        v = self.get(key, int, default, allow_none)
+        if key in self.data and v is not None and not lo <= v <= hi:
+            raise CheckpointError(f"{self.where}: field '{self._name(key)}' = {v!r:.40} is out of range {lo}..{hi}; "
+                                  f"re-export")
+        return v
+
+    def file(self, key: str, default=..., allow_none: bool = False):
+        """A file name relative to the manifest's folder (no absolute path, no '..'; links are checked where the
+        file is opened: `Manifest.path`)."""
+        v = self.get(key, str, default, allow_none)
+        if key in self.data and v is not None:
+            check_relative(v, f"{self.where}: field '{self._name(key)}'")
+        return v
+
+    def items(self, key: str, kind, default=...):
+        """A list (kind=list) or object (kind=dict) field with at most MAX_COUNT entries."""
+        v = self.get(key, kind, default)
+        if v is not None and len(v) > MAX_COUNT:
+            raise CheckpointError(f"{self.where}: field '{self._name(key)}' has {len(v)} entries (at most "
+                                  f"{MAX_COUNT})")
+        return v
+
     def rest(self, known: Iterable[str]) -> dict:
         known = set(known)
         return {k: v for k, v in self.data.items() if k not in known}
@@ -111,10 +141,19 @@ class TensorEntry:
     def from_dict(cls, d, where: str, path: str) -> "TensorEntry":
         r = _Reader(d, where, path)
         shape = r.get("shape", list)
+        if len(shape) > MAX_RANK:
+            raise CheckpointError(f"{where}: field '{path}.shape' has rank {len(shape)} (at most {MAX_RANK})")
         for i, s in enumerate(shape):
-            if isinstance(s, bool) or not isinstance(s, (int, str)) or (isinstance(s, int) and s < 0):
-                raise CheckpointError(f"{where}: field '{path}.shape[{i}]' must be a size or an axis name, got {s!r}")
-        return cls(r.get("name", str), r.get("dtype", str), list(shape))
+            if isinstance(s, bool) or not isinstance(s, (int, str)) or (isinstance(s, int) and not 0 <= s <= MAX_DIM) \
+                    or (isinstance(s, str) and not 0 < len(s) <= 128):
+                raise CheckpointError(f"{where}: field '{path}.shape[{i}]' must be a size or an axis name, "
+                                      f"got {s!r:.60}")
+        name, dtype = r.get("name", str), r.get("dtype", str)
+        if not 0 < len(name) <= 1024:
+            raise CheckpointError(f"{where}: field '{path}.name' must be a tensor name, got {name!r:.60}")
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where}: field '{path}.dtype' = {dtype!r:.40} is not one of {', '.join(DTYPES)}")
+        return cls(name, dtype, list(shape))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -131,7 +170,7 @@ class PrecisionVariant:
     @classmethod
     def from_dict(cls, d, where: str, path: str) -> "PrecisionVariant":
         r = _Reader(d, where, path)
-        return cls(r.get("file", str), r.get("external_data", str, None, allow_none=True),
+        return cls(r.file("file"), r.file("external_data", None, allow_none=True),
                    r.get("sha256", str, None, allow_none=True), r.rest(("file", "external_data", "sha256")))
 
     def to_dict(self) -> dict:
@@ -148,6 +187,19 @@ class PrecisionVariant:
 Profile = Dict[str, List[List[int]]]     # input -> [min, opt, max] shapes
 
 
+def _check_profile(prof, where: str, path: str) -> None:
+    """{input: [min, opt, max]}, each a list of sizes 0..MAX_DIM of one rank."""
+    if not isinstance(prof, dict) or len(prof) > MAX_COUNT:
+        raise CheckpointError(f"{where}: field '{path}' must be an object of input -> [min, opt, max] shapes")
+    for name, shapes in prof.items():
+        ok = isinstance(shapes, list) and len(shapes) == 3 and all(
+            isinstance(s, list) and len(s) == len(shapes[0]) and len(s) <= MAX_RANK
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in s) for s in shapes)
+        if not ok:
+            raise CheckpointError(f"{where}: field '{path}.{name}' must be [min, opt, max] shapes of one rank, got "
+                                  f"{shapes!r:.80}; re-export")
+
+
 @dataclass
 class GraphEntry:
     """One exported graph: its file (and external data), I/O, build profiles per mode, precision variants."""
@@ -160,25 +212,33 @@ class GraphEntry:
     spec_hash: Optional[str] = None
     source_hash: Optional[str] = None
     precisions: Dict[str, PrecisionVariant] = field(default_factory=dict)
+    checkpoint_hash: Optional[str] = None     # the checkpoint it was exported from (a mixed workdir is refused)
     extra: Dict[str, Any] = field(default_factory=dict)
 
-    KNOWN = ("file", "inputs", "outputs", "profiles", "external_data", "spec_hash", "source_hash", "precisions")
+    KNOWN = ("file", "inputs", "outputs", "profiles", "external_data", "spec_hash", "source_hash", "precisions",
+             "checkpoint_hash")
 
     @classmethod
     def from_dict(cls, name: str, d, where: str) -> "GraphEntry":
         path = f"graphs.{name}"
         r = _Reader(d, where, path)
-        ins = [TensorEntry.from_dict(t, where, f"{path}.inputs[{i}]") for i, t in enumerate(r.get("inputs", list))]
-        outs = [TensorEntry.from_dict(t, where, f"{path}.outputs[{i}]") for i, t in enumerate(r.get("outputs", list))]
-        profiles = r.get("profiles", dict, {})
+        ins = [TensorEntry.from_dict(t, where, f"{path}.inputs[{i}]") for i, t in enumerate(r.items("inputs", list))]
+        outs = [TensorEntry.from_dict(t, where, f"{path}.outputs[{i}]")
+                for i, t in enumerate(r.items("outputs", list))]
+        profiles = r.items("profiles", dict, {})
         for mode, prof in profiles.items():
-            if not isinstance(prof, dict):
-                raise CheckpointError(f"{where}: field '{path}.profiles.{mode}' must be an object")
+            _check_profile(prof, where, f"{path}.profiles.{mode}")
         prec = {p: PrecisionVariant.from_dict(v, where, f"{path}.precisions.{p}")
-                for p, v in r.get("precisions", dict, {}).items()}
-        return cls(name, r.get("file", str), ins, outs, profiles, r.get("external_data", str, None, allow_none=True),
+                for p, v in r.items("precisions", dict, {}).items()}
+        return cls(name, r.file("file"), ins, outs, profiles, r.file("external_data", None, allow_none=True),
                    r.get("spec_hash", str, None, allow_none=True), r.get("source_hash", str, None, allow_none=True),
-                   prec, r.rest(cls.KNOWN))
+                   prec, r.get("checkpoint_hash", str, None, allow_none=True), r.rest(cls.KNOWN))
+
+    def field_name(self, precision: str, key: str = "file") -> str:
+        """The manifest field that names the `precision` file of this graph ('graphs.<g>.file' for the export)."""
+        if precision == EXPORT_PRECISION:
+            return f"graphs.{self.name}.{key}"
+        return f"graphs.{self.name}.precisions.{precision}.{key}"
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -228,6 +288,10 @@ class CacheLayout:
         for k in ("num_layers", "num_kv_heads", "head_dim"):
             if not 0 < getattr(c, k) <= 65536:
                 raise CheckpointError(f"{where}: field 'cache.{k}' = {getattr(c, k)} is out of range; re-export")
+        if c.dtype not in DTYPES:
+            raise CheckpointError(f"{where}: field 'cache.dtype' = {c.dtype!r:.40} is not one of {', '.join(DTYPES)}")
+        if c.max_context is not None and not 0 < c.max_context <= 1 << 20:
+            raise CheckpointError(f"{where}: field 'cache.max_context' = {c.max_context} is out of range")
         for k in ("past_key", "past_value", "present_key", "present_value"):
             if "{i}" not in getattr(c, k):
                 raise CheckpointError(f"{where}: field 'cache.{k}' must contain the layer placeholder {{i}}")
@@ -251,11 +315,12 @@ class ImageInfo:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     KNOWN = ("resolution", "patch_size", "latent_grid", "latent_channels", "tokens_per_image")
+    LIMITS = (16384, 1024, 4096, 4096, 1 << 20)
 
     @classmethod
     def from_dict(cls, d, where: str) -> "ImageInfo":
         r = _Reader(d, where, "image")
-        return cls(*(r.get(k, int) for k in cls.KNOWN), extra=r.rest(cls.KNOWN))
+        return cls(*(r.int_in(k, 1, hi) for k, hi in zip(cls.KNOWN, cls.LIMITS)), extra=r.rest(cls.KNOWN))
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -295,13 +360,11 @@ class GenerationDefaults:
     def from_generation_config(cls, path: Path) -> "GenerationDefaults":
         """The defaults of a checkpoint: ours, overridden by the keys its generation_config.json sets."""
         g = cls()
-        if not Path(path).is_file():
+        path = Path(path)
+        path = contained(path.parent, path.name, str(path))
+        if not path.is_file():
             return g
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable ({exc})") from None
-        r = _Reader(data, str(path))
+        r = _Reader(read_json(path), str(path))
         for key, attr in cls.HF_KEYS.items():
             kind = int if attr in ("steps", "max_new_tokens", "image_max_new_tokens") else float
             setattr(g, attr, r.get(key, kind, getattr(g, attr)))
@@ -359,20 +422,28 @@ class Manifest:
         if fmt != FORMAT:
             raise CheckpointError(f"{where}: manifest format {fmt!r} is not {FORMAT!r}; re-export with this version "
                                   f"(--force)")
-        special = r.get("special_tokens", dict, {})
+        special = r.items("special_tokens", dict, {})
         for k, v in special.items():
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise CheckpointError(f"{where}: field 'special_tokens.{k}' must be an integer, got {v!r:.40}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 31:
+                raise CheckpointError(f"{where}: field 'special_tokens.{k}' must be a token id, got {v!r:.40}")
+        checkpoint = r.get("checkpoint", dict, {})
+        ck = _Reader(checkpoint, where, "checkpoint")
+        ck.get("hash", str, None, allow_none=True), ck.get("path", str, None, allow_none=True)
+        embed = r.get("embed_tokens", dict, {"file": EMBED_FILE})
+        er = _Reader(embed, where, "embed_tokens")
+        er.file("file", EMBED_FILE)
+        for k in ("source_hash", "checkpoint_hash", "dtype"):
+            er.get(k, str, None, allow_none=True)
         m = cls(
-            format=fmt, precision=r.get("precision", str, EXPORT_PRECISION), opset=r.get("opset", int, None),
-            config=r.get("config", dict, {}), checkpoint=r.get("checkpoint", dict, {}),
+            format=fmt, precision=r.get("precision", str, EXPORT_PRECISION), opset=r.int_in("opset", 1, 1000, None),
+            config=r.get("config", dict, {}), checkpoint=checkpoint,
             exporter=r.get("exporter", dict, {}), special_tokens=dict(special),
             image=ImageInfo.from_dict(data["image"], where) if "image" in data else None,
             max_context=r.get("max_context", int, None, allow_none=True),
-            batch_max=r.get("batch_max", int, None, allow_none=True),
+            batch_max=r.int_in("batch_max", 1, 4096, None, allow_none=True),
             cache=CacheLayout.from_dict(data["cache"], where) if "cache" in data else None,
-            graphs={g: GraphEntry.from_dict(g, d, where) for g, d in r.get("graphs", dict, {}).items()},
-            embed_tokens=r.get("embed_tokens", dict, {"file": EMBED_FILE}),
+            graphs={g: GraphEntry.from_dict(g, d, where) for g, d in r.items("graphs", dict, {}).items()},
+            embed_tokens=embed,
             generation=(GenerationDefaults.from_dict(data["generation"], where) if "generation" in data
                         else GenerationDefaults()),
             calibration=r.get("calibration", dict, {}), extra=r.rest(cls.KNOWN),
@@ -397,18 +468,15 @@ class Manifest:
 
     @classmethod
     def load(cls, workdir) -> "Manifest":
+        """Read and validate `<workdir>/manifest.json` (fileio.read_json: size cap, strict JSON; then every field)."""
         workdir = Path(workdir)
-        path = workdir / MANIFEST_NAME
         if not workdir.is_dir():
             raise CheckpointError(f"workdir not found: {workdir} (create it with cheers-deploy export)")
+        path = contained(workdir, MANIFEST_NAME, f"workdir {workdir}: {MANIFEST_NAME}")
         if not path.is_file():
             raise CheckpointError(f"{workdir} has no {MANIFEST_NAME}: not an exported workdir "
                                   f"(run cheers-deploy export --out {workdir})")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: unreadable manifest ({type(exc).__name__}: {str(exc)[:120]}); "
-                                  f"re-export with --force") from None
+        data = read_json(path)
         return cls.from_dict(data, str(path), workdir)
 
     @classmethod
@@ -440,12 +508,37 @@ class Manifest:
             out.append(v)
         return out[0] if len(out) == 1 else out
 
+    # ---- files: every path the manifest names is resolved inside the workdir (fileio.contained)
+    def path(self, relative: str, field_name: str) -> Path:
+        """`<workdir>/<relative>` for a file named by the manifest field `field_name`; refuses an absolute path,
+        '..' and a link out of the workdir (one-line CheckpointError naming the manifest and the field)."""
+        return contained(self.workdir, relative, f"{self._where()}: field '{field_name}'")
+
     def graph_path(self, name: str) -> Path:
-        return self.workdir / self.graph(name).file
+        return self.path(self.graph(name).file, f"graphs.{name}.file")
+
+    def graph_files(self, name: str, precision: str = EXPORT_PRECISION) -> Tuple[Optional[Path], Optional[Path]]:
+        """(graph file, external data file or None) of `name` in `precision`, contained in the workdir; (None, None)
+        when the manifest has no such variant."""
+        entry = self.graph(name)
+        v = entry.variant(precision)
+        if v is None:
+            return None, None
+        src = self.path(v.file, entry.field_name(precision, "file"))
+        data = self.path(v.external_data, entry.field_name(precision, "external_data")) if v.external_data else None
+        return src, data
 
     @property
     def embed_file(self) -> str:
         return str(self.embed_tokens.get("file", EMBED_FILE))
+
+    @property
+    def embed_path(self) -> Path:
+        return self.path(self.embed_file, "embed_tokens.file")
+
+    def side_file(self, name: str) -> Path:
+        """A file of fixed name in the workdir (tokenizer, preprocessor config, vocabulary), contained."""
+        return contained(self.workdir, name, f"workdir {self.workdir}: {name}")
 
     def _where(self) -> str:
         return str(self.workdir / MANIFEST_NAME) if self.workdir else MANIFEST_NAME
@@ -456,15 +549,16 @@ class Manifest:
         wd = self.workdir
         for name in required:
             g = self.graph(name)
-            for f in (g.file, g.external_data):
-                if f and not (wd / f).is_file():
+            for f, p in zip((g.file, g.external_data), self.graph_files(name)):
+                if f and not p.is_file():
                     raise CheckpointError(f"workdir {wd}: graph '{name}' is missing its file {f} "
                                           f"(re-run cheers-deploy export --out {wd})")
-        if not (wd / self.embed_file).is_file():
+        if not self.embed_path.is_file():
             raise CheckpointError(f"workdir {wd}: missing {self.embed_file} (re-run cheers-deploy export)")
         for f in TOKENIZER_FILES:
-            if not (wd / f).is_file():
+            if not self.side_file(f).is_file():
                 raise CheckpointError(f"workdir {wd}: missing {f} (re-run cheers-deploy export)")
+        self.side_file(VOCABULARY_FILE)
 
     def check_cache_layout(self, supported: Sequence[str] = (CACHE_LAYOUT,)) -> CacheLayout:
         cache = self.require("cache")
@@ -472,6 +566,103 @@ class Manifest:
             raise CheckpointError(f"workdir {self.workdir}: KV cache layout {cache.layout!r} is not supported by this "
                                   f"runtime ({', '.join(supported)}); re-export with this version")
         return cache
+
+    def check_model(self, cfg) -> None:
+        """Cross-check the manifest's sections against each other and against `cfg` (the CheersConfig of the 'config'
+        section, already typed and bounded: runtime.graph_backend.manifest_config) before anything large is loaded:
+        the KV cache layout against the config and against the backbone entry's past/present tensors (names, heads,
+        head size), the image geometry, the embedding table record and the special-token ids."""
+        where = self._where()
+        t = cfg.text_config
+        cache = self.check_cache_layout()
+        for k, want in (("num_layers", t.num_hidden_layers), ("num_kv_heads", t.num_key_value_heads),
+                        ("head_dim", t.head_dim)):
+            if getattr(cache, k) != want:
+                raise CheckpointError(f"{where}: field 'cache.{k}' = {getattr(cache, k)} but the model config has "
+                                      f"{want}; the workdir is inconsistent: re-export with --force")
+        if "backbone" in self.graphs:
+            self._check_backbone_cache(self.graphs["backbone"], cache, t)
+        if self.image is not None:
+            img, v = self.image, cfg.vision_representation_config
+            grid = img.resolution // v.patch_size
+            for k, got, want in (("latent_channels", img.latent_channels, cfg.latent_channels),
+                                 ("latent_grid", img.latent_grid, grid),
+                                 ("tokens_per_image", img.tokens_per_image, (grid // 2) ** 2)):
+                if got != want:
+                    raise CheckpointError(f"{where}: field 'image.{k}' = {got} does not fit the model config and "
+                                          f"resolution (expected {want}); re-export with --force")
+        shape = self.embed_tokens.get("shape")
+        if shape is not None and shape != [t.vocab_size, t.hidden_size]:
+            raise CheckpointError(f"{where}: field 'embed_tokens.shape' = {shape!r:.60} but the model config has "
+                                  f"{[t.vocab_size, t.hidden_size]}; re-export with --force")
+        bad = {k: v for k, v in self.special_tokens.items() if v >= t.vocab_size}
+        if bad:
+            k = next(iter(bad))
+            raise CheckpointError(f"{where}: field 'special_tokens.{k}' = {bad[k]} is not below the vocabulary size "
+                                  f"{t.vocab_size}")
+
+    def _check_backbone_cache(self, bb: GraphEntry, cache: CacheLayout, t) -> None:
+        where = self._where()
+        for kind, tensors, keys, lead in (("inputs", bb.inputs, ("past_key", "past_value"), 3),
+                                          ("outputs", bb.outputs, ("present_key", "present_value"), 2)):
+            want = [n for k in keys for n in cache.names(k)]
+            have = {x.name: x for x in tensors[lead:]}
+            extra = sorted(set(have) - set(want))
+            missing = [n for n in want if n not in have]
+            if missing or extra or len(tensors) != lead + len(want):
+                what = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}' beyond" if extra else "does not fit"
+                raise CheckpointError(f"{where}: field 'graphs.backbone.{kind}' {what} the KV cache layout of "
+                                      f"'cache' ({cache.num_layers} layers); the workdir is inconsistent: re-export "
+                                      f"with --force")
+            for n in want:
+                x = have[n]
+                dims = x.shape
+                if not (len(dims) == 4 and dims[1] == cache.num_kv_heads and dims[3] == cache.head_dim
+                        and x.dtype == cache.dtype):
+                    raise CheckpointError(f"{where}: field 'graphs.backbone.{kind}' tensor '{n}' has shape {dims} "
+                                          f"({x.dtype}), but 'cache' says (B, {cache.num_kv_heads}, T, "
+                                          f"{cache.head_dim}) {cache.dtype}; re-export with --force")
+        emb = bb.inputs[0].shape if bb.inputs else []
+        if len(emb) != 3 or emb[2] != t.hidden_size:
+            raise CheckpointError(f"{where}: field 'graphs.backbone.inputs[0]' has shape {emb}, the model's hidden "
+                                  f"size is {t.hidden_size}; re-export with --force")
+
+    def check_provenance(self) -> None:
+        """Refuse a mixed workdir (an interrupted re-export from another checkpoint): every graph entry (and its
+        precision variants, and the embedding table) records the checkpoint hash it was exported from, and all must
+        equal the manifest's `checkpoint.hash`. Manifests written before graphs recorded it are accepted only when
+        every graph and the table share one source hash (same checkpoint and code)."""
+        where = self._where()
+        want = self.checkpoint.get("hash")
+        recorded = {g: e.checkpoint_hash for g, e in self.graphs.items()}
+        recorded.update({f"{g} ({p})": v.extra["checkpoint_hash"] for g, e in self.graphs.items()
+                         for p, v in e.precisions.items() if isinstance(v.extra.get("checkpoint_hash"), str)})
+        if "checkpoint_hash" in self.embed_tokens:
+            recorded[self.embed_file] = self.embed_tokens["checkpoint_hash"]
+        have = {k: v for k, v in recorded.items() if v is not None}
+        if have:
+            lacking = sorted(k for k, v in recorded.items() if v is None)
+            if lacking:
+                raise CheckpointError(f"{where}: graph(s) {', '.join(lacking)} do not record the checkpoint they were "
+                                      f"exported from, others do: a mixed workdir; re-export with --force")
+            ref = want or next(iter(have.values()))
+            other = sorted(k for k, v in have.items() if v != ref)
+            if other:
+                same = sorted(k for k, v in have.items() if v == ref)
+                raise CheckpointError(f"{where}: a mixed workdir: {', '.join(other)} come(s) from another checkpoint "
+                                      f"than {', '.join(same) or 'the manifest'} (checkpoint.hash {str(ref)[:12]}); "
+                                      f"an export was interrupted? re-export with --force")
+            return
+        sources = {g: e.source_hash for g, e in self.graphs.items() if e.source_hash}
+        if self.embed_tokens.get("source_hash"):
+            sources[self.embed_file] = self.embed_tokens["source_hash"]
+        if len(set(sources.values())) > 1:
+            groups: Dict[str, List[str]] = {}
+            for k, v in sources.items():
+                groups.setdefault(v, []).append(k)
+            desc = "; ".join(", ".join(sorted(v)) for v in groups.values())
+            raise CheckpointError(f"{where}: a mixed workdir: the graphs come from different exports ({desc}); "
+                                  f"re-export with --force")
 
 
 Tensor = Tuple[str, str, Sequence]   # (name, numpy dtype name, shape: ints for static dims, anything else dynamic)

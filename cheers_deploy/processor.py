@@ -1,6 +1,12 @@
 """Chat template (docs/architecture.md §15.2), prompt ids for every mode (§13) and image preprocessing (§15.3).
 
 Numpy + Pillow only; reproduces the official UMMProcessor bit for bit on the reference set.
+
+Typed text is text: the prompt, question or instruction a user gives goes into the chat template as an untrusted
+piece (`CheersTokenizer.encode_chat`). Special-token strings in it (`<image>`, `<image_gen>`, `<im_start>`,
+`<|im_end|>`, ...) are encoded as the characters they are made of: they never become an image placeholder (-200/-300),
+never start an image and never end or open a chat turn. The control tokens of a prompt come only from the template
+and the image prefix this module writes. A prompt without such strings gets exactly the official ids.
 """
 from __future__ import annotations
 
@@ -12,10 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import CheckpointError, InputError
-from .tokenizer import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, CheersTokenizer
+from .tokenizer import IMAGE_GEN_PLACEHOLDER, IMAGE_PLACEHOLDER, CheersTokenizer, check_text
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_PROMPT_PREFIX = "<im_start><image><im_end>\n"  # user content before a question/instruction about an image
+MAX_RESOLUTION = 2048        # largest working resolution taken from preprocessor_config.json (official: 512)
+MAX_PATCH_SIZE = 256
+MAX_CONFIG_BYTES = 1 << 20   # preprocessor_config.json is a few hundred bytes
+_USER_MARK = "\ue000"        # stands for the user's text while the template is rendered (never in the template)
 
 
 def render_chat(messages, add_generation_prompt: bool = True, trim: bool = False) -> str:
@@ -128,26 +138,38 @@ class Processor:
     """Prompt ids for each mode and pixel preprocessing at the checkpoint's working resolution."""
 
     def __init__(self, tokenizer: CheersTokenizer, resolution: int, patch_size: int = 16):
-        if patch_size <= 0 or resolution <= 0 or resolution % (2 * patch_size):
-            raise InputError(f"resolution {resolution} must be a positive multiple of {2 * patch_size} "
-                             f"(2 x patch size {patch_size})")
+        problem = _resolution_problem(resolution, patch_size)
+        if problem:
+            raise InputError(problem)
         self.tokenizer = tokenizer
         self.special = tokenizer.special
         self.resolution = int(resolution)
         self.patch_size = int(patch_size)
+        self.source = "preprocessor settings"          # where resolution/patch_size came from (for messages)
+        self.file_resolution = None                    # scale_resolution of preprocessor_config.json, if any
 
     @classmethod
     def from_dir(cls, path, default_resolution: int = 512, resolution: int | None = None) -> "Processor":
-        """Tokenizer + preprocessor_config.json (`scale_resolution`, `patch_size`); `resolution` overrides."""
+        """Tokenizer + preprocessor_config.json (`scale_resolution`, `patch_size`); `resolution` overrides.
+
+        The file is validated before anything is sized from it (CheckpointError naming the file and field): an
+        object; `scale_resolution` and `patch_size` integers, the resolution a positive multiple of 2 x patch size,
+        at most MAX_RESOLUTION. The pipeline then checks that the tokenizer and the resolution fit the model
+        (`Pipeline.check_model`)."""
         path = Path(path)
-        cfg = {}
-        if (path / "preprocessor_config.json").is_file():
-            try:
-                cfg = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot read {path / 'preprocessor_config.json'}: {exc}") from exc
-        res = resolution if resolution is not None else int(cfg.get("scale_resolution", default_resolution))
-        return cls(CheersTokenizer.from_dir(path), res, int(cfg.get("patch_size", 16)))
+        cfg_path = path / "preprocessor_config.json"
+        cfg = _read_preprocessor_config(cfg_path) if cfg_path.is_file() else {}
+        patch = _config_int(cfg, "patch_size", 16, cfg_path)
+        file_res = _config_int(cfg, "scale_resolution", None, cfg_path)
+        if file_res is not None or "patch_size" in cfg:
+            problem = _resolution_problem(file_res if file_res is not None else default_resolution, patch,
+                                          "scale_resolution" if file_res is not None else "resolution")
+            if problem:
+                raise CheckpointError(f"{cfg_path}: {problem}")
+        res = resolution if resolution is not None else (file_res if file_res is not None else default_resolution)
+        proc = cls(CheersTokenizer.from_dir(path), res, patch)
+        proc.source, proc.file_resolution = str(cfg_path), file_res
+        return proc
 
     @property
     def tokens_per_image(self) -> int:
@@ -160,29 +182,37 @@ class Processor:
 
     # ---- ids
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids with `<image>` -> -200 and `<image_gen>` -> -300."""
-        sub = {self.special.image: IMAGE_PLACEHOLDER, self.special.image_gen: IMAGE_GEN_PLACEHOLDER}
-        return [sub.get(i, i) for i in self.tokenizer.encode(text)]
+        """Token ids of text the package writes (templates, training data), with `<image>` -> -200 and
+        `<image_gen>` -> -300. Not for user text: the mode methods below keep what the user typed as text."""
+        return self._placeholders(self.tokenizer.encode(text))
 
-    def _user_turn(self, content: str) -> list[int]:
-        if not isinstance(content, str):
-            raise InputError(f"prompt must be a string, got {type(content).__name__}")
-        return self.encode_prompt(render_chat([{"role": "user", "content": content}], add_generation_prompt=True))
+    def _placeholders(self, ids) -> list[int]:
+        sub = {self.special.image: IMAGE_PLACEHOLDER, self.special.image_gen: IMAGE_GEN_PLACEHOLDER}
+        return [sub.get(i, i) for i in ids]
+
+    def user_turn_ids(self, content: str, prefix: str = "") -> list[int]:
+        """One user turn of the chat template with the generation prompt. `prefix` (written by the package, e.g.
+        IMAGE_PROMPT_PREFIX) may hold control tokens and image markers; `content` (typed by a user) is text: its
+        special-token strings never become control tokens or placeholders (see the module docstring)."""
+        check_text(content, "prompt")
+        rendered = render_chat([{"role": "user", "content": prefix + _USER_MARK}], add_generation_prompt=True)
+        head, tail = rendered.split(_USER_MARK)
+        return self._placeholders(self.tokenizer.encode_chat([(head, True), (content, False), (tail, True)]))
 
     def understanding_ids(self, question: str) -> list[int]:
         """Image question; the question is appended verbatim after the image block (as the official example)."""
-        return self._user_turn(IMAGE_PROMPT_PREFIX + question)
+        return self.user_turn_ids(question, IMAGE_PROMPT_PREFIX)
 
     def chat_ids(self, prompt: str) -> list[int]:
         """Text-only chat (the runtime prepends the dummy image block)."""
-        return self._user_turn(prompt)
+        return self.user_turn_ids(prompt)
 
     def t2i_ids(self, prompt: str) -> list[int]:
         """Text-to-image: the trailing `<im_start>` triggers image generation."""
-        return self._user_turn(prompt) + [self.special.img_start]
+        return self.user_turn_ids(prompt) + [self.special.img_start]
 
     def edit_ids(self, instruction: str) -> list[int]:
-        return self._user_turn(IMAGE_PROMPT_PREFIX + instruction) + [self.special.img_start]
+        return self.user_turn_ids(instruction, IMAGE_PROMPT_PREFIX) + [self.special.img_start]
 
     def uncond_ids(self, ids) -> list[int]:
         """CFG branch: every id except `<im_start>`, `<im_end>` and image placeholders becomes `<no_mean>` (§17.11)."""
@@ -197,3 +227,42 @@ class Processor:
     def dummy_pixel_values(self, seed: int | None = None) -> np.ndarray:
         """Pixels of the random dummy image that text-only and T2I prompts carry (§13.1)."""
         return preprocess_understanding(make_dummy_image(seed), self.resolution)
+
+
+# ---------------------------------------------------------------------------------------------------- config file
+
+def _resolution_problem(resolution, patch_size, name: str = "resolution") -> str:
+    """Why (resolution, patch_size) cannot be a working resolution, or '' when it can."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) \
+            or not 1 <= patch_size <= MAX_PATCH_SIZE:
+        return f"patch_size must be an integer in 1..{MAX_PATCH_SIZE}, got {patch_size!r}"
+    step = 2 * int(patch_size)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) \
+            or not 0 < resolution <= MAX_RESOLUTION or resolution % step:
+        return (f"{name} must be a positive multiple of {step} (2 x patch size {patch_size}) up to "
+                f"{MAX_RESOLUTION}, got {resolution!r}")
+    return ""
+
+
+def _read_preprocessor_config(path: Path) -> dict:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a preprocessor config holds "
+                                  f"({MAX_CONFIG_BYTES})")
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read {path}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _config_int(cfg: dict, key: str, default, path: Path):
+    if key not in cfg:
+        return default
+    v = cfg[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CheckpointError(f"{path}: field '{key}' must be an integer, got {v!r:.40}")
+    return v

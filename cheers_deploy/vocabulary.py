@@ -4,12 +4,11 @@ never saw instead of answering with silent noise. The bundled tiny-shapes model 
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Iterable, List, Optional
 
 from .errors import CheckpointError
+from .fileio import contained, read_json
 
 VOCABULARY_FILE = "vocabulary.json"
 _WORD = re.compile(r"[a-z]+")
@@ -24,17 +23,18 @@ class Vocabulary:
 
     @classmethod
     def load(cls, folder) -> Optional["Vocabulary"]:
-        path = Path(folder) / VOCABULARY_FILE
+        path = contained(folder, VOCABULARY_FILE, f"{folder}: {VOCABULARY_FILE}")
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__})") from None
-        words = data.get("words") if isinstance(data, dict) else None
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words) or len(words) > MAX_WORDS:
+        data = read_json(path, max_bytes=16 * 2 ** 20)
+        words = data.get("words")
+        if not isinstance(words, list) or len(words) > MAX_WORDS or \
+                not all(isinstance(w, str) and len(w) <= 256 for w in words):
             raise CheckpointError(f"{path}: field 'words' must be a list of at most {MAX_WORDS} strings")
-        return cls(words, str(data.get("model", "this model")), str(data.get("hint", "")))
+        model, hint = data.get("model", "this model"), data.get("hint", "")
+        if not isinstance(model, str) or not isinstance(hint, str) or len(model) > 256 or len(hint) > 1024:
+            raise CheckpointError(f"{path}: fields 'model' and 'hint' must be short strings")
+        return cls(words, model, hint)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "hint": self.hint, "words": sorted(self.words)}

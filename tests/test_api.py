@@ -42,3 +42,20 @@ def test_check_inputs_names_the_setting():
 def test_export_doc_no_longer_says_fp32_only():
     text = (REPO / "docs" / "export.md").read_text()
     assert "fp32 only" not in text and "precision.md" in text
+
+
+def test_stream_methods_concatenate_to_the_answer():
+    pipe = Pipeline.from_workdir(bundled_workdir(), threads=1)
+    img = pipe.generate("a red circle on the left", seed=0).image
+    want = pipe.answer(img, "what color is the circle?", seed=0)
+    gen = pipe.stream_answer(img, "what color is the circle?", seed=0)
+    deltas = []
+    while True:
+        try:
+            deltas.append(next(gen))
+        except StopIteration as stop:
+            out = stop.value
+            break
+    assert "".join(deltas) == want.text == out.text and out.token_ids == want.token_ids
+    assert "".join(pipe.stream_chat("where is the red circle?", seed=0)) == \
+        pipe.chat("where is the red circle?", seed=0).text

@@ -106,19 +106,27 @@ def test_save_state_load_round_trip(tmp_path, max_shard_bytes):
 
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory, reference_dir):
-    """A complete random checkpoint with a small vocabulary (the errors come before the tokenizer matters)."""
+    """A complete random checkpoint with a small vocabulary and a tokenizer that fits it (the bundled model's, 446
+    ids: a tokenizer with ids beyond the vocabulary is refused on load)."""
+    import shutil
+
+    from cheers_deploy.hub import bundled_checkpoint
     from cheers_deploy.testing import tiny_config, write_random_checkpoint
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", tiny_config(vocab_size=512), seed=3,
+    ckpt = write_random_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", tiny_config(vocab_size=512), seed=3,
                                    tokenizer_from=reference_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):      # tokenizer.json is preferred to vocab + merges
+        shutil.copyfile(bundled_checkpoint() / name, ckpt / name)
+    return ckpt
 
 
 def _clone(src: Path, dst: Path, skip=()) -> Path:
-    """Symlink every file of a checkpoint except `skip` (which the test then writes itself)."""
+    """Hard-link every file of a checkpoint except `skip` (which the test then writes itself); a symlink out of the
+    checkpoint folder would be refused."""
     dst.mkdir()
     for p in src.iterdir():
         if p.name not in skip:
-            os.symlink(p, dst / p.name)
+            os.link(p, dst / p.name)
     return dst
 
 

@@ -28,7 +28,8 @@ LAYERS: List[Tuple[str, ...]] = [
     ("precision",),
     ("build",),
     ("bench", "doctor"),
-    ("cli", "serve"),
+    ("serve",),
+    ("cli",),
     ("demo", "__init__"),
 ]
 RANK: Dict[str, int] = {part: i for i, group in enumerate(LAYERS) for part in group}

@@ -219,11 +219,12 @@ def test_ort_backend_runs_without_torch(tiny_workdir, ort_pipe):
 # ---------------------------------------------------------------------------------------------------- broken workdirs
 
 def _shadow(src: Path, dst: Path) -> Path:
-    """A workdir whose small files are copies and whose graphs/tables are symlinks (cheap to break)."""
+    """A workdir whose small files are copies and whose graphs/tables are hard links (cheap to break; a symlink out
+    of the workdir would be refused)."""
     dst.mkdir()
     for p in src.iterdir():
         if p.suffix in (".onnx", ".data", ".npy"):
-            os.symlink(p, dst / p.name)
+            os.link(p, dst / p.name)
         elif p.is_file():
             shutil.copy(p, dst / p.name)
     return dst
@@ -260,7 +261,7 @@ def test_mismatched_names_and_dims_are_clear_errors(tiny_workdir, tmp_path):
 
     wd3 = _shadow(tiny_workdir, tmp_path / "wd3")                 # a graph file swapped for another
     (wd3 / "vae_encoder.onnx").unlink()
-    os.symlink(tiny_workdir / "vae_decoder.onnx", wd3 / "vae_encoder.onnx")
+    os.link(tiny_workdir / "vae_decoder.onnx", wd3 / "vae_encoder.onnx")
     with pytest.raises(CheckpointError, match=r"graph 'vae_encoder' lacks input tensor 'pixels'"):
         Pipeline.from_workdir(wd3)
 

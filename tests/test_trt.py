@@ -78,14 +78,15 @@ def tiny_workdir(tiny_ckpt, tmp_path_factory):
 
 
 def _linked_copy(src: Path, dst: Path) -> Path:
-    """A private workdir that shares the (read-only) graph files: engines written into it stay private."""
+    """A private workdir that shares the (read-only) graph files: engines written into it stay private. Hard links,
+    not symlinks: a workdir's files must lie inside it (a link out of the folder is refused, docs/security.md)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file():
             if f.name == "manifest.json":
                 shutil.copy2(f, dst / f.name)
             else:
-                os.symlink(f, dst / f.name)
+                os.link(f, dst / f.name)
     return dst
 
 
@@ -277,7 +278,8 @@ def test_trt_backend_without_tensorrt(tmp_path, tiny_config, monkeypatch):
     from cheers_deploy.runtime.trt_backend import TrtBackend
 
     wd = _fake_workdir(tmp_path, tiny_config)
-    np.save(wd / C.EMBED_FILE, np.zeros((8, 64), np.float32))
+    t = tiny_config.text_config                     # the table must have the config's (vocab, hidden) shape
+    np.lib.format.open_memmap(wd / C.EMBED_FILE, mode="w+", dtype=np.float32, shape=(t.vocab_size, t.hidden_size))
     for f in C.TOKENIZER_FILES:
         (wd / f).write_bytes(b"")
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
@@ -618,17 +620,20 @@ def test_fake_plugin_build_fuses_cfm_head(tiny_workdir, tmp_path, fakes, monkeyp
     t = np.asarray([0.3, 0.3], np.float32)
     v_t, v_o = be.cfm_head(hid, pe, t), ob.cfm_head(hid, pe, t)
     assert np.abs(v_t - v_o).max() <= 1e-5 * np.abs(v_o).max()
-    # without plugin_lib= the library recorded at build time is loaded
+    # without plugin_lib=: $CHEERS_TRT_PLUGIN (never the path the engine manifest records)
     fakes.new_process(monkeypatch)
+    monkeypatch.setenv(C.PLUGIN_ENV, str(lib))
     TrtBackend(wd, "fp32", graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT)
     assert fakes.loaded == [lib.resolve()]
+    monkeypatch.delenv(C.PLUGIN_ENV)
 
-    # the fused engine needs the plugin at load time: a clear error without a library
+    # the fused engine needs the plugin at load time: a clear error without a library, even though the library
+    # the engine manifest records is still there
     fakes.new_process(monkeypatch)
-    lib.unlink()
     monkeypatch.setattr(trt_plugin, "default_plugin_library", lambda: None)
     with pytest.raises(CheckpointError, match="uses the CheersGatedResidual plugin"):
         TrtBackend(wd, "fp32", graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT)
+    assert fakes.loaded == []
 
 
 def test_fake_build_parser_error_names_node(tiny_workdir, tmp_path, fakes):
@@ -674,9 +679,9 @@ def test_fake_backend_refuses_other_machine_and_stale_engines(tiny_workdir, tmp_
         TrtBackend(wd, "fp16", identity=IDENT, **kw)
     # copying the workdir keeps the engines valid (no mtime check) ...
     src = wd / "vae_encoder.onnx"
-    real = src.resolve()
+    data = src.read_bytes()
     src.unlink()
-    shutil.copy(real, src)
+    src.write_bytes(data)
     TrtBackend(wd, "fp32", identity=IDENT, **kw)
     # ... a plan TensorRT cannot deserialize is named, with the way out
     plan = tl.plan_path(wd, "fp32", IDENT["tensorrt"], IDENT["compute_capability"], "vae_decoder")

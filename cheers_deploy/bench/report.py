@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .run import METRIC_UNITS, STAGE_LABELS
-from ..fileio import atomic_write_text, json_safe
+from ..fileio import atomic_path, atomic_write_text, json_safe
 
 FILES = {"json": "bench.json", "csv": "bench.csv", "md": "bench.md", "stages_png": "stages.png",
          "backends_png": "backends.png"}
@@ -214,8 +214,7 @@ def plots(rep: dict, out: Path) -> Dict[str, str]:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     p = out / FILES["stages_png"]
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, p)
     written["stages_png"] = str(p)
 
     # 2. per-call stage latency and end-to-end, backends side by side (log scale, p90 as error bar)
@@ -245,10 +244,20 @@ def plots(rep: dict, out: Path) -> Dict[str, str]:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     p = out / FILES["backends_png"]
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, p)
     written["backends_png"] = str(p)
     return written
+
+
+def _save_figure(fig, path: Path) -> None:
+    """PNG through fileio.atomic_path (never a half-written plot); the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ================================================================================================ all

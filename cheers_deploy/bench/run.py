@@ -85,12 +85,22 @@ class BenchSettings:
             raise InputError(f"unknown task '{bad[0] if bad else ''}' in --task; choose from {','.join(TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise InputError("--task lists a task twice")
-        for name, v, lo in (("--steps", self.steps, 1), ("--runs", self.runs, 1), ("--warmup", self.warmup, 0),
-                            ("--max-new-tokens", self.max_new_tokens, 2)):
+        from ..runtime.pipeline import MAX_NEW_TOKENS, MAX_STEPS, check_seed, check_setting
+
+        for name, v, lo, hi in (("--steps", self.steps, 1, MAX_STEPS), ("--runs", self.runs, 1, 10_000),
+                                ("--warmup", self.warmup, 0, 1_000),
+                                ("--max-new-tokens", self.max_new_tokens, 2, MAX_NEW_TOKENS)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InputError(f"{name} must be an integer, got {v!r}")
             if v < lo:
                 raise InputError(f"{name} must be >= {lo}, got {v}")
+            if v > hi:
+                raise InputError(f"{name} must be <= {hi}, got {v}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"--threads must be >= 1, got {self.threads}")
+        self.seed = check_seed(self.seed)
+        check_setting("cfg_scale", self.cfg_scale)
+        check_setting("alpha", self.alpha)
 
 
 # ================================================================================================ statistics
@@ -315,8 +325,8 @@ def run_understanding(pipe, clock, s: BenchSettings, seed: int, task: str) -> Di
     banned = (sp.chat_end, sp.img_start)
     t0 = clock.mark()
     if task == "vqa":
-        res = pipe.answer(make_dummy_image(seed + 1), VQA_QUESTION, max_new_tokens=s.max_new_tokens, seed=seed,
-                          suppress_tokens=banned, observer=probe)
+        res = pipe.answer(make_dummy_image((seed + 1) % 2 ** 32), VQA_QUESTION, max_new_tokens=s.max_new_tokens,
+                          seed=seed, suppress_tokens=banned, observer=probe)
     else:
         res = pipe.chat(CHAT_PROMPT, max_new_tokens=s.max_new_tokens, seed=seed, suppress_tokens=banned,
                         observer=probe)

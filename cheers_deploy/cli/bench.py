@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from ..errors import InputError
-from .common import add_threads_arg
+from .common import add_seed_arg, add_threads_arg, check_out_dir, int_arg, setting_arg
 
 EPILOG = """Outputs in --out: bench.json, bench.csv, bench.md, stages.png, backends.png.
 Understanding runs decode exactly --max-new-tokens tokens (stop tokens masked). Energy is read from NVML,
@@ -31,14 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "workdir's manifest, else the bundled tiny-shapes model")
     p.add_argument("--backends", default="torch,ort", help="comma list of torch, ort, trt (default torch,ort)")
     p.add_argument("--task", default="t2i,vqa,chat", help="comma list of t2i, vqa, chat (default all)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per task and backend (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per task and backend (default 1)")
+    p.add_argument("--steps", type=setting_arg("steps"), default=20, help="Euler steps per image (default 20)")
+    p.add_argument("--runs", type=int_arg(1, 10_000), default=5, help="timed runs per task and backend (default 5)")
+    p.add_argument("--warmup", type=int_arg(0, 1_000), default=1,
+                   help="untimed warm-up runs per task and backend (default 1)")
     p.add_argument("--energy", action="store_true", help="measure energy (NVML, Jetson rails, RAPL)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="report folder (default bench/results/bench_<UTC date-time>)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per vqa/chat answer (default 32)")
-    p.add_argument("--cfg-scale", type=float, default=9.5, help="classifier-free guidance (1 = off: batch 1)")
+    p.add_argument("--max-new-tokens", type=int_arg(2, 1 << 20), default=32,
+                   help="tokens decoded per vqa/chat answer (default 32)")
+    p.add_argument("--cfg-scale", type=setting_arg("cfg_scale"), default=9.5,
+                   help="classifier-free guidance (1 = off: batch 1)")
     p.add_argument("--device", default="cpu", help="torch backend device (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="torch backend precision")
@@ -48,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interleave", action="store_true",
                    help="load all backends and alternate their timed runs (fairer ratios on a shared machine; "
                         "per-backend peak RSS then covers the load only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the images and sampling")
+    add_seed_arg(p, help="seed of the noise, the images and sampling")
+    p.add_argument("--overwrite", action="store_true", help="replace the report in an --out folder that has one")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -90,19 +94,19 @@ def command_line(args) -> str:
 
 
 def run_bench(args) -> dict:
-    from ..bench.report import write_report
+    from ..bench.report import FILES, write_report
     from ..bench.run import run_benchmark
 
     s = settings_from_args(args)
     s.check()                                   # argument errors before anything is loaded or exported
     out = args.out or f"bench/results/bench_{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
-    from pathlib import Path
-
-    if Path(out).exists() and not Path(out).is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+    out_dir = check_out_dir(out, "--out")       # a folder that can be written, before the benchmark runs
+    old = [name for name in FILES.values() if (out_dir / name).exists()]
+    if old and not getattr(args, "overwrite", False):
+        raise InputError(f"--out {out} already holds a report ({old[0]}); pass --overwrite to replace it")
     rep = run_benchmark(s, command=command_line(args))
     paths = write_report(rep, out)
-    print(Path(paths["md"]).read_text())
+    print(out_dir.joinpath(FILES["md"]).read_text())
     print("wrote " + ", ".join(paths.values()))
     return rep
 

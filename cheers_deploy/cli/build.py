@@ -14,7 +14,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "exported graphs; fp16/bf16/int8/mixed need `cheers-deploy calibrate` first (default fp16)")
     p.add_argument("--plugin-lib", metavar="PATH", default=None,
                    help="gated-residual plugin library (libcheers_plugins.so); default: $CHEERS_TRT_PLUGIN or the "
-                        "CMake build folder; without one the hi gate is built from plain TensorRT layers")
+                        "CMake build folder; without one the hi gate is built from plain TensorRT layers. Its sha256 "
+                        "is recorded in the engine manifest: at run time the TensorRT backend loads a library only "
+                        "from plugin_lib= / $CHEERS_TRT_PLUGIN / the build folder, and only with that sha256")
     p.add_argument("--no-fuse", action="store_true", help="do not replace the hi gate by the plugin")
     p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
     p.add_argument("--timing-cache", metavar="PATH", default=None,

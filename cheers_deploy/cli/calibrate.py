@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 
-from .common import add_threads_arg
+from .common import (add_seed_arg, add_threads_arg, check_out_dir, check_out_file, check_writable_folder, float_arg,
+                     int_arg, setting_arg)
+
+MAX_ITEMS = 100_000
 
 
 def _writable_workdir(workdir) -> str:
-    """Every calibrate step writes into the workdir: never into the package's own bundled graphs."""
+    """Every calibrate step writes into the workdir: never into the package's own bundled graphs, and only into a
+    folder this process may write (checked before any work)."""
     from pathlib import Path
 
     from ..errors import InputError
@@ -19,6 +23,8 @@ def _writable_workdir(workdir) -> str:
     if Path(workdir).resolve() == BUNDLED_GRAPHS.resolve():
         raise InputError(f"{workdir} holds the bundled model's shipped graphs (part of the installed package): copy "
                          f"it first (cp -r {workdir} work/tiny) and calibrate the copy")
+    if Path(workdir).exists():
+        check_writable_folder(workdir, "--workdir")
     return workdir
 
 
@@ -37,12 +43,14 @@ def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
 
     c = sub.add_parser("capture", help="record every graph's real inputs while the fp32 ORT pipeline runs")
     c.add_argument("--workdir", required=True)
-    c.add_argument("--n", type=int, default=16, help="calibration items (each: one answer + one generation)")
-    c.add_argument("--max-mb", type=float, default=512.0, help="size cap of the captured shards")
+    c.add_argument("--n", type=int_arg(1, MAX_ITEMS), default=16,
+                   help="calibration items (each: one answer + one generation)")
+    c.add_argument("--max-mb", type=float_arg(0.0, 1e6, low_open=True), default=512.0,
+                   help="size cap of the captured shards")
     c.add_argument("--data", default=None, help="JSONL of {image, question, prompt} (default: shapes world train)")
-    c.add_argument("--steps", type=int, default=25, help="Euler steps of the calibration generations")
+    c.add_argument("--steps", type=setting_arg("steps"), default=25, help="Euler steps of the calibration generations")
     add_threads_arg(c)
-    c.add_argument("--seed", type=int, default=1000, help="seed of the calibration items")
+    add_seed_arg(c, default=1000, help="seed of the calibration items")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_capture)
 
@@ -73,9 +81,10 @@ def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
                                    "fail fall back to fp16 (else fp32); with --per-layer, a failing graph is "
                                    "swept layer group by layer group and keeps INT8 where a group passes alone.")
     s.add_argument("--workdir", required=True)
-    s.add_argument("--steps", type=int, default=10, help="Euler steps of the fingerprint images")
-    s.add_argument("--psnr-min", type=float, default=30.0, help="image PSNR vs fp32 to keep INT8 (dB)")
-    s.add_argument("--agree-min", type=float, default=0.99,
+    s.add_argument("--steps", type=setting_arg("steps"), default=10, help="Euler steps of the fingerprint images")
+    s.add_argument("--psnr-min", type=float_arg(0.0, 1000.0), default=30.0,
+                   help="image PSNR vs fp32 to keep INT8 (dB)")
+    s.add_argument("--agree-min", type=float_arg(0.0, 1.0), default=0.99,
                    help="fraction of answers identical to fp32 to keep INT8")
     s.add_argument("--per-layer", nargs="*", default=None, metavar="GRAPH",
                    help="per-layer sweep of the graphs that fail (no names) or of the named graphs")
@@ -87,11 +96,14 @@ def add_calibrate_args(subparsers) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="per-graph error and end-to-end scores per precision (markdown + PNG)")
     r.add_argument("--workdir", required=True)
     r.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    r.add_argument("--eval-n", type=int, default=20, help="held-out scenes / prompts of each end-to-end evaluation")
-    r.add_argument("--steps", type=int, default=25, help="Euler steps per image")
+    r.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    r.add_argument("--eval-n", type=int_arg(1, MAX_ITEMS), default=20,
+                   help="held-out scenes / prompts of each end-to-end evaluation")
+    r.add_argument("--steps", type=setting_arg("steps"), default=25, help="Euler steps per image")
     r.add_argument("--precisions", nargs="*", default=None, metavar="P",
                    help="precisions to report (default: all the workdir has)")
-    r.add_argument("--out", default=None, help="folder of the markdown/PNG (default <workdir>/calib)")
+    r.add_argument("--out", default=None,
+                   help="folder of the markdown/PNG, regenerated on every run (default <workdir>/calib)")
     add_threads_arg(r)
     r.add_argument("--quiet", action="store_true", help="no progress bars (stderr)")
     r.set_defaults(func=_report)
@@ -136,10 +148,15 @@ def _sweep(a) -> int:
 
 
 def _report(a) -> int:
+    from pathlib import Path
+
     _writable_workdir(a.workdir)
+    if a.json:
+        check_out_file(a.json, a.overwrite, "--json")
+    check_out_dir(a.out if a.out else Path(a.workdir) / "calib", "--out")
     from ..precision.report import report
 
     res = report(a.workdir, eval_n=a.eval_n, steps=a.steps, json_path=a.json, out_dir=a.out, precisions=a.precisions,
                  threads=a.threads, progress=not a.quiet)
-    print(open(res["markdown"]).read())
+    print(Path(res["markdown"]).read_text(encoding="utf-8"))
     return 0

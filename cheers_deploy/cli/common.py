@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -52,6 +55,23 @@ class HelpFormatter(argparse.HelpFormatter):
                              subsequent_indent=indent, break_on_hyphens=False)
 
 
+class CliParser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: a usage error is one line `error: ...` on stderr and exit code 2.
+    A bad value of a typed option (see `int_arg`, `float_arg`, `setting_arg`, `seed_arg`) reads
+    `error: --steps must be >= 1, got 0`."""
+
+    def error(self, message):
+        m = re.match(r"argument ([^:]+): (must be .*)$", message, flags=re.S)
+        text = f"{m.group(1).split('/')[-1]} {m.group(2)}" if m else f"{message} ({self.prog} -h for help)"
+        self.exit(2, f"error: {one_line(text)}\n")
+
+
+def one_line(text) -> str:
+    """A message on one line: line breaks become '; ', runs of blanks are kept as they are."""
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    return "; ".join(parts)
+
+
 def use_formatter(parser: argparse.ArgumentParser, formatter=HelpFormatter) -> None:
     """Give `parser` and all its sub-command parsers the same help formatter."""
     parser.formatter_class = formatter
@@ -68,13 +88,92 @@ def threads_help() -> str:
             f"{physical_cores()} here)")
 
 
+MAX_THREADS = 4096
+
+
 def add_threads_arg(p) -> None:
-    p.add_argument("--threads", type=int, default=None, metavar="N", help=threads_help())
+    p.add_argument("--threads", type=int_arg(1, MAX_THREADS), default=None, metavar="N", help=threads_help())
 
 
 def check_threads(threads) -> None:
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be a positive integer, got {threads}")
+
+
+# --------------------------------------------------------------------------------------------------------- values
+# Option types that check a value's range while the command line is parsed, before anything is loaded: a bad value
+# is one line `error: --NAME must be ...` and exit code 2 (CliParser.error). The generation settings take their
+# ranges from the pipeline's table (runtime.pipeline.SETTINGS, what Pipeline.check_inputs applies to every call).
+def _parse_int(text: str) -> int:
+    t = str(text).strip().replace("_", "")
+    if re.fullmatch(r"[+-]?\d+", t):
+        return int(t)
+    if re.fullmatch(r"[+-]?\d+(\.0*)?|[+-]?\d+(\.\d*)?[eE][+]?\d+", t):
+        v = float(t)                                   # 1e3, 7.0: integral values written as numbers
+        if math.isfinite(v) and v.is_integer():
+            return int(v)
+    raise argparse.ArgumentTypeError(f"must be an integer, got {text}")
+
+
+def int_arg(lo: int, hi: int):
+    """argparse type: an integer in lo..hi."""
+    def parse(text):
+        v = _parse_int(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_arg(lo: float, hi: float, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in [lo, hi] (with an open end where asked)."""
+    def parse(text):
+        try:
+            v = float(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text}") from None
+        ok = math.isfinite(v) and (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if low_open else '['}{lo:g}, "
+                                             f"{hi:g}{')' if high_open else ']'}, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def setting_arg(name: str):
+    """argparse type of a generation setting (steps, cfg_scale, alpha, temperature, top_p, max_new_tokens), with
+    the range Pipeline.check_inputs applies (runtime.pipeline.SETTINGS)."""
+    def parse(text):
+        from ..runtime.pipeline import SETTINGS           # imported when a value is given, not to build the parser
+
+        kind, lo, hi, low_open = SETTINGS[name]
+        return (int_arg(lo, hi) if kind == "int" else float_arg(lo, hi, low_open))(text)
+    parse.__name__ = name
+    return parse
+
+
+def seed_arg(text) -> int:
+    """argparse type of a seed: an integer in 0..2^32-1 (runtime.pipeline.SEED_MAX), as typed ("7", "007")."""
+    from ..runtime.pipeline import SEED_MAX
+
+    try:
+        v = _parse_int(text)
+    except argparse.ArgumentTypeError:
+        v = None
+    if v is None or not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{SEED_MAX}, got {text}")
+    return v
+
+
+seed_arg.__name__ = "seed"
+
+
+def add_seed_arg(p, default: int = 0, help: str = "seed of the noise, the dummy image and sampling") -> None:
+    p.add_argument("--seed", type=seed_arg, default=default, metavar="N", help=f"{help} (0..2^32-1)")
 
 
 # --------------------------------------------------------------------------------------------------------- model
@@ -99,8 +198,12 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--precision", default=None, metavar="P",
                    help="with --workdir: which graphs/engines to run, fp32 (default), fp16, bf16, int8 or mixed "
                         "(made by cheers-deploy calibrate / build)")
+    g.add_argument("--plugin-lib", default=None, metavar="PATH",
+                   help="with --backend trt: the gated-residual plugin library to load (only this, $CHEERS_TRT_PLUGIN "
+                        "or the package's own build is ever loaded, and only when its sha256 matches the one recorded "
+                        "when the engines were built; docs/security.md)")
     add_threads_arg(g)
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the noise, the dummy image and sampling")
+    add_seed_arg(p)
 
 
 def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str = "cpu",
@@ -117,7 +220,7 @@ def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str
 
 
 def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu", dtype: str = "float32",
-                  precision=None, providers=None, threads=None, revision=None):
+                  precision=None, providers=None, threads=None, revision=None, plugin_lib=None):
     """The pipeline a command line asks for. Without --checkpoint/--workdir: the bundled model, from its shipped
     graphs on onnxruntime when the package has them (torch-free), else from its checkpoint on torch."""
     from ..runtime.pipeline import Pipeline
@@ -134,9 +237,15 @@ def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cp
             kw["providers"] = providers.split(",") if isinstance(providers, str) else list(providers)
         if precision and precision != "fp32":
             kw["precision"] = precision
+        if plugin_lib is not None:
+            if backend != "trt":
+                raise InputError("--plugin-lib is for the TensorRT backend: add --backend trt")
+            kw["plugin_lib"] = plugin_lib
         return Pipeline.from_workdir(workdir, backend=backend or "ort", threads=threads, **kw)
     if precision:
         raise InputError("--precision selects exported graphs: use it with --workdir (for torch use --dtype)")
+    if plugin_lib is not None:
+        raise InputError("--plugin-lib is for TensorRT engines: use it with --workdir and --backend trt")
     if backend not in (None, "torch"):
         raise InputError(f"--backend {backend} needs --workdir (export the checkpoint first)")
     return Pipeline.from_pretrained(checkpoint, backend="torch", device=device, dtype=dtype, threads=threads,
@@ -145,7 +254,7 @@ def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cp
 
 def load_pipeline(args):
     return open_pipeline(args.checkpoint, args.workdir, args.backend, args.device, args.dtype, args.precision,
-                         args.providers, args.threads, args.revision)
+                         args.providers, args.threads, args.revision, getattr(args, "plugin_lib", None))
 
 
 def is_bundled(args) -> bool:
@@ -163,15 +272,72 @@ def is_bundled(args) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------- output
+# Every output path is checked before the work starts (a read-only folder, a directory where a file goes, an existing
+# file without --overwrite), so a long run never ends in a write that cannot happen. The writes themselves go through
+# cheers_deploy.fileio (temporary file in the same folder, fsync, rename; removed on an error or Ctrl-C).
 def check_out(path: str, overwrite: bool) -> Path:
+    """generate/edit --out: a .png file that may be written."""
+    return check_out_file(path, overwrite, "--out", suffixes=(".png",))
+
+
+def check_out_file(path, overwrite: bool, option: str = "--out", suffixes=None) -> Path:
+    """An output file named by `option`: the right suffix, not a directory, not an existing file unless
+    `overwrite`, in an existing folder this process may write into."""
     out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out must be a .png file, got {out}")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
-    if out.parent and not out.parent.exists():
-        raise InputError(f"output folder does not exist: {out.parent}")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise InputError(f"{option} must be a {' or '.join(suffixes)} file, got {out}")
+    if out.is_dir():
+        raise InputError(f"{option} {out} is a directory, not a file")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise InputError(f"{out} exists; pass --overwrite to replace it")
+        if not out.is_file():
+            raise InputError(f"{option} {out} exists and is not a regular file")
+    check_writable_folder(out.parent, option, "output folder does not exist")
     return out
+
+
+def check_out_dir(path, option: str = "--out") -> Path:
+    """An output folder named by `option` (created when missing): not a file, and it, or the nearest folder above it
+    that exists, may be written into."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise InputError(f"{option} {d} is a file, not a folder")
+    existing = d
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise InputError(f"{option} {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {d}: {existing} is a file, not a folder")
+    check_writable_folder(existing, option)
+    return d
+
+
+def check_writable_folder(folder, option: str = "--out", missing: str = "folder does not exist") -> Path:
+    folder = Path(folder) if str(folder) else Path(".")
+    if not folder.exists():
+        raise InputError(f"{missing}: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"{option}: {folder} is not a folder")
+    if not writable(folder):
+        raise InputError(f"{option}: cannot write into {folder} (read-only folder)")
+    return folder
+
+
+def writable(folder) -> bool:
+    """Whether files may be created in `folder`: access(2) (permissions, read-only file systems); for root, which
+    access() always lets through, a folder whose mode has no write bit at all counts as read-only too."""
+    folder = Path(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and geteuid() == 0:
+        try:
+            return bool(folder.stat().st_mode & 0o222)
+        except OSError:
+            return False
+    return True
 
 
 def write_png(image, out: Path):

@@ -23,6 +23,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default=None, help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into --out even though it holds files and is not a workdir (no manifest.json); "
+                        "without it such a folder is refused")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--no-verify", action="store_true", help="skip the ORT-vs-torch check of each graph")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -39,7 +42,8 @@ def run(args) -> None:
     graphs = [g.strip() for g in args.graphs.split(",") if g.strip()] if args.graphs else None
     man = export_all(ckpt, args.out, image_size=args.image_size, batch_max=args.batch_max,
                      max_context=args.max_context, force=args.force, opset=args.opset, progress=not args.quiet,
-                     graphs=graphs, simplify=not args.no_simplify, verify=not args.no_verify)
+                     graphs=graphs, simplify=not args.no_simplify, verify=not args.no_verify,
+                     overwrite=args.overwrite)
     for name, g in man.graphs.items():
         slim = "slimmed" if g.extra.get("slim", {}).get("applied") else "not slimmed"
         print(f"{name:17s} {g.file:24s} {g.extra.get('weight_bytes', 0) / 2**20:9.1f} MiB  {slim}"
@@ -50,7 +54,8 @@ def run(args) -> None:
 def add_export_args(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX graphs + manifest (needs torch)",
                        description="Export the five Cheers stages to ONNX (idempotent: up-to-date graphs are "
-                                   "skipped unless --force).")
+                                   "skipped unless --force). --out must be new, empty or a workdir (else "
+                                   "--overwrite); one export at a time per workdir (a second one fails at once).")
     _add_arguments(p)
     p.set_defaults(func=run)
 

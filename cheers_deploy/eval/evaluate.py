@@ -17,10 +17,13 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 
 from ..data import shapes as W
-from .detector import score_generation
+from ..errors import InputError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..runtime.pipeline import SEED_MAX, check_seed, check_setting
+from .detector import score_generation
 
 DEFAULTS = {"n": 100, "steps": 25, "cfg_scale": 3.0, "alpha": 1.0}
+MAX_ITEMS = 100_000      # held-out scenes / prompts of one evaluation
 
 # progress: None/False = silent; True = a tqdm bar on stderr per phase; a callable(i, n) is called after each item
 Progress = Union[None, bool, Callable[[int, int], None]]
@@ -100,7 +103,8 @@ def evaluate_generation(pipe, n_single: int, n_two: int, seed: int = 0, steps: i
     with progress_reporter(progress, "generation", len(items), "image") as step:
         for i, s in enumerate(items):
             prompt = s.prompts[0]                       # canonical prompt (with sizes), parses back exactly
-            out = pipe.generate(prompt, steps=steps, cfg_scale=cfg_scale, alpha=alpha, seed=seed * 100_003 + i)
+            out = pipe.generate(prompt, steps=steps, cfg_scale=cfg_scale, alpha=alpha,
+                                seed=(seed * 100_003 + i) % (SEED_MAX + 1))       # stays a valid seed
             sc = score_generation(out.image, prompt)
             rows.append(sc)
             if len(images) < keep_images:
@@ -137,6 +141,15 @@ def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = 0, steps: int = DEFAULTS[
     "single_object", "two_object", "counting", "overall", ...}, "settings": {...}}."""
     n_gen = n if n_gen is None else n_gen
     n_two = n_gen // 2 if n_two is None else n_two
+    for name, v in (("n", n), ("n_gen", n_gen), ("n_two", n_two)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= MAX_ITEMS:
+            raise InputError(f"{name} must be an integer in 0..{MAX_ITEMS}, got {v!r}")
+    seed = check_seed(seed)
+    if generation:                       # the settings of every image, refused before any work
+        check_setting("steps", steps)
+        check_setting("alpha", alpha)
+        if cfg_scale is not None:
+            check_setting("cfg_scale", cfg_scale)
     t0 = time.perf_counter()
     result: dict = {"settings": {"n": n, "n_gen": n_gen, "n_two": n_two, "seed": seed, "steps": steps,
                                  "cfg_scale": cfg_scale, "alpha": alpha, "split": split,

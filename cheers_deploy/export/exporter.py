@@ -6,7 +6,13 @@
     + embed_tokens.npy, tokenizer.json, tokenizer_config.json, preprocessor_config.json, manifest.json
 
 A graph is skipped when its manifest entry's source hash (checkpoint + model/export code) and spec hash
-(I/O, config, resolution, opset) are unchanged and its files exist, unless `force`.
+(I/O, config, resolution, opset) are unchanged and its files exist, unless `force`. Every graph entry and the
+embedding table record the checkpoint hash they came from: an export interrupted while re-exporting another
+checkpoint leaves a workdir the runtime refuses as mixed (Manifest.check_provenance).
+
+The output folder: refused when it holds files but no manifest.json (not a workdir) unless `overwrite`; while an
+export runs it holds an exclusive lock on `<out>/.export.lock` (fcntl.flock), and a second export into the same
+folder fails at once, naming the first one's pid (fileio.exclusive_lock).
 
 One file (over 400 lines): tracing, the weight streaming, slimming and verification of one graph are one
 memory-bounded procedure (each step holds at most one copy of the weights), followed by the manifest it feeds.
@@ -15,7 +21,6 @@ memory-bounded procedure (each step holds at most one copy of the weights), foll
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -27,11 +32,12 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..checkpoint import checkpoint_hash, load_config, weight_files
-from ..constants import CACHE_LAYOUT, EXPORT_PRECISION as PRECISION, EXTERNAL_DATA_BYTES, GRAPH_NAMES, VERSION
+from ..checkpoint import checkpoint_hash, load_config, safetensors_errors, weight_files
+from ..constants import (CACHE_LAYOUT, EXPORT_PRECISION as PRECISION, EXTERNAL_DATA_BYTES, GRAPH_NAMES, MANIFEST_NAME,
+                         VERSION)
 from ..hub import resolve_checkpoint
-from ..errors import CheckpointError, require_torch
-from ..fileio import atomic_path, write_json
+from ..errors import CheckpointError, InputError, require_torch
+from ..fileio import atomic_path, contained, exclusive_lock, read_json, write_json
 from ..manifest import (EMBED_FILE, FORMAT, CacheLayout, GenerationDefaults, GraphEntry, ImageInfo, Manifest)
 from ..processor import Processor
 from ..vocabulary import VOCABULARY_FILE, Vocabulary
@@ -41,6 +47,7 @@ VERIFY_RTOL = 1e-4                       # max abs error / output scale, ORT vs 
 SLIM_MAX_BYTES = 1 << 30                 # larger graphs are not slimmed (memory; the gain is per-node overhead)
 SLIM_RTOL = 1e-5                         # onnxslim may reassociate float ops (folded BN/scales), nothing more
 EMBED_KEY = "model.language_model.embed_tokens.weight"
+LOCK_FILE = ".export.lock"               # held (flock) by the export writing into a workdir
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -103,7 +110,7 @@ def load_submodules(model, ckpt: Path, prefixes: Sequence[str]) -> None:
                     continue
                 raise CheckpointError(f"checkpoint {ckpt} is missing tensor {full}")
             wanted.setdefault(files[full], []).append((full, target))
-    with torch.no_grad():
+    with torch.no_grad(), safetensors_errors():
         for f, items in wanted.items():
             with safe_open(str(f), framework="pt") as sf:
                 for full, target in items:
@@ -362,7 +369,7 @@ def write_embed_table(ckpt: Path, out_dir: Path) -> dict:
     files = weight_files(ckpt)
     if EMBED_KEY not in files:
         raise CheckpointError(f"checkpoint {ckpt} has no {EMBED_KEY}")
-    with safe_open(str(files[EMBED_KEY]), framework="pt") as sf:
+    with safetensors_errors(), safe_open(str(files[EMBED_KEY]), framework="pt") as sf:
         table = sf.get_tensor(EMBED_KEY).to(torch.float32).numpy()
     with atomic_path(out_dir / EMBED_FILE) as tmp:
         np.save(tmp, table)
@@ -374,9 +381,9 @@ def write_processor_files(ckpt: Path, out_dir: Path, proc: Processor) -> None:
     has one (unknown-word warnings work on the workdir too)."""
     proc.tokenizer.save(out_dir)
     cfg = {}
-    src = ckpt / "preprocessor_config.json"
+    src = contained(ckpt, "preprocessor_config.json", f"checkpoint {ckpt}: preprocessor_config.json")
     if src.is_file():
-        cfg = json.loads(src.read_text())
+        cfg = read_json(src)
     cfg.update(scale_resolution=proc.resolution, patch_size=proc.patch_size)
     write_json(out_dir / "preprocessor_config.json", cfg)
     vocab = Vocabulary.load(ckpt)
@@ -388,17 +395,46 @@ def write_processor_files(ckpt: Path, out_dir: Path, proc: Processor) -> None:
 
 # ------------------------------------------------------------------------------------------------ all
 
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse to export into a folder that holds files but is not a workdir (no manifest.json), unless `overwrite`:
+    a mistyped --out must not scatter graphs among (or replace) someone's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder")
+    if overwrite or not out_dir.is_dir() or (out_dir / MANIFEST_NAME).is_file():
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_FILE)
+    if others:
+        shown = ", ".join(others[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
+        raise InputError(f"--out {out_dir} is not empty and is not a workdir (no {MANIFEST_NAME}; it holds {shown}): "
+                         f"pick an empty or new folder, or pass --overwrite to export into it anyway")
+
+
 def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[int] = None, batch_max: int = 2,
                max_context: int = DEFAULT_MAX_CONTEXT, force: bool = False, opset: int = 18, progress: bool = True,
-               graphs: Optional[Sequence[str]] = None, simplify: bool = True, verify: bool = True) -> Manifest:
+               graphs: Optional[Sequence[str]] = None, simplify: bool = True, verify: bool = True,
+               overwrite: bool = False) -> Manifest:
     """Export every graph of a checkpoint (None = the bundled default) into `out_dir` and write the manifest.
-    `image_size` defaults to the checkpoint's preprocessor resolution. Returns the manifest."""
+    `image_size` defaults to the checkpoint's preprocessor resolution. Returns the manifest.
+
+    `out_dir` must be new, empty or a workdir unless `overwrite`; the export holds `<out_dir>/.export.lock` while it
+    runs (a concurrent export into the same folder fails at once with the holder's pid)."""
     require_torch()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    with exclusive_lock(out_dir / LOCK_FILE, f"export into {out_dir}"):
+        return _export_locked(checkpoint_dir, out_dir, image_size, batch_max, max_context, force, opset, progress,
+                              graphs, simplify, verify)
+
+
+def _export_locked(checkpoint_dir, out_dir: Path, image_size, batch_max, max_context, force, opset, progress, graphs,
+                   simplify, verify) -> Manifest:
     from tqdm.auto import tqdm
 
     ckpt = resolve_checkpoint(checkpoint_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(ckpt)
     proc = Processor.from_dir(ckpt, default_resolution=cfg.vision_representation_config.image_size,
                               resolution=image_size)
@@ -448,10 +484,12 @@ def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[in
             entry = man.graphs.get(name)
             spec_hash = spec.spec_hash(opset, PRECISION)
             up_to_date = (entry is not None and entry.spec_hash == spec_hash and entry.source_hash == source_hash
+                          and entry.checkpoint_hash in (None, ckpt_hash)
                           and (out_dir / entry.file).is_file()
                           and (not entry.external_data or (out_dir / entry.external_data).is_file()))
             if up_to_date and not force:
-                entry.profiles = spec.to_manifest()["profiles"]   # profiles may change (max_context) without a re-export
+                entry.profiles = spec.to_manifest()["profiles"]  # may change (max_context) without a re-export
+                entry.checkpoint_hash = ckpt_hash                # (the source hash already proves it)
                 bar.set_postfix_str(f"{name}: up to date, skipped")
                 bar.update(1)
                 continue
@@ -464,13 +502,15 @@ def export_all(checkpoint_dir=None, out_dir="work/tiny", image_size: Optional[in
             finally:
                 release_submodules(model, spec.modules)
             man.graphs[name] = GraphEntry.from_dict(name, dict(spec.to_manifest(), spec_hash=spec_hash,
-                                                               source_hash=source_hash, **info), str(out_dir))
+                                                               source_hash=source_hash, checkpoint_hash=ckpt_hash,
+                                                               **info), str(out_dir))
             man.save(out_dir)                           # persist progress graph by graph
             bar.set_postfix_str(f"{name}: {info['export_s']:.1f}s")
             bar.update(1)
         bar.set_description("export embed/tokenizer")
         if force or man.embed_tokens.get("source_hash") != source_hash or not (out_dir / EMBED_FILE).is_file():
             man.embed_tokens = dict(write_embed_table(ckpt, out_dir), source_hash=source_hash)
+        man.embed_tokens["checkpoint_hash"] = ckpt_hash          # written from it, or its source hash proves it
         write_processor_files(ckpt, out_dir, proc)
         bar.update(1)
     finally:

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import atomic_path
 from ..runtime.observer import PipelineObserver
 from .common import calib_dir, load_calib_manifest, save_calib_manifest, shard_key
 
@@ -107,7 +108,14 @@ def jsonl_items(path) -> List[dict]:
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"--data {path}, line {i + 1}: not valid JSON ({' '.join(str(exc).split())[:120]})") \
+                from None
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k, ""), (str, type(None)))
+                                                for k in ("image", "question", "prompt")):
+            raise InputError(f"--data {path}, line {i + 1}: must be an object of image/question/prompt strings")
         if rec.get("image"):
             rec["image"] = str((path.parent / rec["image"]).resolve())
         rec.setdefault("id", f"user-{i:05d}")
@@ -152,9 +160,8 @@ def capture(workdir, n: int = 16, max_mb: float = 512.0, data=None, seed: int = 
             log(f"capture: size cap {max_mb:g} MB reached after {len(cm['items'])} item(s); stopping")
             break
         fname = f"{it['id']}.npz"
-        tmp = d / (fname + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(d / fname)
+        with atomic_path(d / fname) as tmp:
+            np.savez(tmp, **arrays)
         cm["items"][it["id"]] = {"file": fname, "bytes": nbytes, "graphs": counts,
                                  "prompt": it.get("prompt"), "question": it.get("question")}
         cm["total_bytes"] += nbytes

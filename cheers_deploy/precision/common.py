@@ -12,7 +12,7 @@ manifest's I/O entries stay valid for all of them.
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -20,11 +20,14 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..constants import GRAPH_NAMES as GRAPHS
-from ..fileio import sha256_file, write_json
-from ..manifest import Manifest, PrecisionVariant
+from ..fileio import contained, read_json, sha256_file, write_json
+from ..manifest import Manifest, PrecisionVariant, _Reader
 
 CALIB_DIR = "calib"
 CALIB_MANIFEST = "calib_manifest.json"
+CALIB_FORMAT = "cheers-deploy-calib/1"
+MAX_ITEMS = 1 << 16
+_SHARD_NAME = re.compile(r"[^/\\]{1,255}\.npz")
 
 
 def variant_file(graph: str, precision: str) -> str:
@@ -33,18 +36,24 @@ def variant_file(graph: str, precision: str) -> str:
 
 def register_variant(man: Manifest, graph: str, precision: str, file: str, external_data: Optional[str] = None,
                      **info) -> dict:
-    """Register `file` as `graph` in `precision` (the file must already exist in the workdir); returns its entry."""
-    v = PrecisionVariant(file, external_data, sha256_file(man.workdir / file), dict(info))
-    man.graph(graph).precisions[precision] = v
+    """Register `file` as `graph` in `precision` (the file must already exist in the workdir); returns its entry.
+    The variant records the checkpoint and source hashes of the exported graph it was made from (provenance: a
+    variant of another export is refused as a mixed workdir)."""
+    entry = man.graph(graph)
+    path = man.path(file, entry.field_name(precision, "file"))
+    prov = {k: v for k, v in (("checkpoint_hash", entry.checkpoint_hash), ("from_source_hash", entry.source_hash))
+            if v is not None}
+    v = PrecisionVariant(file, external_data, sha256_file(path), dict(prov, **info))
+    entry.precisions[precision] = v
     return v.to_dict()
 
 
 def graph_file(man: Manifest, graph: str, precision: str) -> Path:
     """Path of `graph` in `precision` (fp32 = the exported file)."""
-    v = man.graph(graph).variant(precision)
-    if v is None:
+    src, _ = man.graph_files(graph, precision)              # contained in the workdir (or refused)
+    if src is None:
         raise CheckpointError(f"workdir {man.workdir}: no {precision} file for graph '{graph}'")
-    return man.workdir / v.file
+    return src
 
 
 def available_precisions(man: Manifest) -> List[str]:
@@ -63,10 +72,43 @@ def calib_dir(workdir) -> Path:
 
 
 def load_calib_manifest(workdir) -> dict:
-    p = calib_dir(workdir) / CALIB_MANIFEST
-    if p.is_file():
-        return json.loads(p.read_text())
-    return {"format": "cheers-deploy-calib/1", "items": {}, "total_bytes": 0}
+    """`calib/calib_manifest.json`, read with fileio.read_json and validated field by field (like manifest.json):
+    format, items {id: {file: a shard name inside calib/, bytes, graphs {graph: {mode: count}}, prompt, question}},
+    total_bytes. An empty manifest when there is none."""
+    workdir = Path(workdir)
+    p = contained(workdir, f"{CALIB_DIR}/{CALIB_MANIFEST}", f"workdir {workdir}: {CALIB_DIR}/{CALIB_MANIFEST}")
+    if not p.is_file():
+        return {"format": CALIB_FORMAT, "items": {}, "total_bytes": 0}
+    data = read_json(p)
+    where = str(p)
+    r = _Reader(data, where)
+    if r.get("format", str, None, allow_none=True) != CALIB_FORMAT:
+        raise CheckpointError(f"{where}: field 'format' is not {CALIB_FORMAT!r}: capture again (delete "
+                              f"{calib_dir(workdir)})")
+    items = r.items("items", dict)
+    if len(items) > MAX_ITEMS:
+        raise CheckpointError(f"{where}: field 'items' has {len(items)} entries (at most {MAX_ITEMS})")
+    r.int_in("total_bytes", 0, 1 << 50)
+    for k in ("steps", "euler_samples"):
+        r.int_in(k, 0, 1 << 20, None, allow_none=True)
+    for k in ("cfg_scale", "alpha"):
+        r.get(k, float, None, allow_none=True)
+    for item_id, item in items.items():
+        path = f"items.{item_id:.80}"
+        ir = _Reader(item, where, path)
+        name = ir.get("file", str)
+        if not _SHARD_NAME.fullmatch(name):
+            raise CheckpointError(f"{where}: field '{path}.file' = {name!r:.80} must be a .npz file name inside "
+                                  f"{CALIB_DIR}/")
+        contained(calib_dir(workdir), name, f"{where}: field '{path}.file'")
+        ir.int_in("bytes", 0, 1 << 50)
+        ir.get("prompt", str, None, allow_none=True), ir.get("question", str, None, allow_none=True)
+        graphs = ir.items("graphs", dict)
+        for g, modes in graphs.items():
+            gr = _Reader(modes, where, f"{path}.graphs.{g:.40}")
+            for m in modes:
+                gr.int_in(m, 0, 1 << 20)
+    return data
 
 
 def save_calib_manifest(workdir, data: dict) -> None:
@@ -91,13 +133,25 @@ def iter_feeds(workdir, graph: str, modes: Optional[Tuple[str, ...]] = None,
         item = cm["items"][item_id]
         if graph not in item.get("graphs", {}):
             continue
-        with np.load(calib_dir(workdir) / item["file"]) as z:
-            calls: Dict[Tuple[str, int], Dict[str, np.ndarray]] = {}
-            for key in z.files:
-                g, mode, k, name = key.split("|", 3)
-                if g != graph or (modes and mode not in modes):
-                    continue
-                calls.setdefault((mode, int(k)), {})[name] = z[key]
+        shard = contained(calib_dir(workdir), item["file"], f"{calib_dir(workdir) / CALIB_MANIFEST}: field "
+                                                           f"'items.{item_id}.file'")
+        calls: Dict[Tuple[str, int], Dict[str, np.ndarray]] = {}
+        try:
+            with np.load(shard, allow_pickle=False) as z:           # a pickled array is refused, never loaded
+                for key in z.files:
+                    parts = key.split("|", 3)
+                    if len(parts) != 4 or not parts[2].isdigit():
+                        raise ValueError(f"array {key!r:.80} is not named graph|mode|k|input")
+                    g, mode, k, name = parts
+                    if g != graph or (modes and mode not in modes):
+                        continue
+                    calls.setdefault((mode, int(k)), {})[name] = z[key]
+        except FileNotFoundError:
+            raise CheckpointError(f"workdir {workdir}: calibration shard {shard.name} is missing (capture again)") \
+                from None
+        except (OSError, ValueError, EOFError, KeyError) as exc:
+            raise CheckpointError(f"{shard}: unreadable calibration shard ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:160]})") from None
         for _, feed in sorted(calls.items()):
             yield feed
             n += 1

@@ -107,6 +107,9 @@ def convert(workdir, precision: str = "fp16", graphs: Optional[Sequence[str]] = 
 
     if precision not in ("fp16", "bf16"):
         raise InputError(f"--precision must be fp16 or bf16 for convert (int8: calibrate quantize), got {precision!r}")
+    bad = [g for g in (graphs or ()) if g not in GRAPHS]
+    if bad:
+        raise InputError(f"unknown graph(s) {bad}; choose from {', '.join(GRAPHS)}")
     workdir = Path(workdir)
     man = Manifest.load(workdir)
     out = {}

@@ -20,7 +20,10 @@ import fnmatch
 import importlib
 import io
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -182,6 +185,38 @@ def quiet_preprocess_warning():
             lg.removeFilter(filt)
 
 
+@contextlib.contextmanager
+def private_tempdir(workdir: Path):
+    """A temporary folder inside the workdir for everything the quantizer writes before the result: our raw
+    quantized model, and what onnxruntime.quantization writes on its own (its `model_input.onnx` and
+    `augmented_model.onnx` copies go to tempfile.TemporaryDirectory: tempfile's default folder points here for the
+    call). Removed in a finally, so an error or Ctrl-C leaves no `*.tmp.onnx` or augmented model behind, and nothing is
+    written outside the workdir."""
+    d = Path(tempfile.mkdtemp(prefix=".quantize-", dir=str(workdir)))
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(d)
+    try:
+        yield d
+    finally:
+        tempfile.tempdir = saved
+        _remove_tree(d)
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove a folder we made, file by file by absolute path (links are removed, never followed)."""
+    for root, dirs, names in os.walk(folder, topdown=False):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    if os.path.exists(folder):                     # something we could not remove file by file
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _ort_quant():
     try:
         from onnxruntime import quantization as q
@@ -209,25 +244,25 @@ def quantize_graph(workdir, graph: str, method: str = DEFAULT_METHOD, exclude: S
     reader = ShardReader(workdir, graph, man.graph(graph).input_names, limit)
     out_name = out_name or variant_file(graph, "int8")
     out = workdir / out_name
-    tmp = workdir / (out_name + ".tmp.onnx")
     cal = {"entropy": q.CalibrationMethod.Entropy, "minmax": q.CalibrationMethod.MinMax,
            "percentile": q.CalibrationMethod.Percentile}[method]
     big = src.stat().st_size > EXTERNAL_DATA_BYTES or bool(man.graph(graph).external_data)
     t0 = time.perf_counter()
-    with _ragged_histograms(q), quiet_preprocess_warning(), contextlib.redirect_stdout(io.StringIO()):
-        q.quantize_static(str(src), str(tmp), reader, quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(OP_TYPES),
-                          per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=cal, nodes_to_exclude=excl, use_external_data_format=big,
-                          extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                         # Q/DQ on the inputs of MatMul/Gemm/Conv only (TensorRT's and ModelOpt's
-                                         # placement): residual adds, gates and softmax read unrounded outputs
-                                         "OpTypesToExcludeOutputQuantization":
-                                             [] if quantize_outputs else list(OP_TYPES)})
-    qm = onnx.load(str(tmp))
-    ext = save_model(qm, out)
-    tmp.unlink()
-    for f in workdir.glob(out_name + ".tmp.onnx*"):
-        f.unlink()
+    with private_tempdir(workdir) as tmp_dir:
+        tmp = tmp_dir / (out_name + ".tmp.onnx")
+        with _ragged_histograms(q), quiet_preprocess_warning(), contextlib.redirect_stdout(io.StringIO()):
+            q.quantize_static(str(src), str(tmp), reader, quant_format=q.QuantFormat.QDQ,
+                              op_types_to_quantize=list(OP_TYPES),
+                              per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                              calibrate_method=cal, nodes_to_exclude=excl, use_external_data_format=big,
+                              extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                             # Q/DQ on the inputs of MatMul/Gemm/Conv only (TensorRT's and
+                                             # ModelOpt's placement): residual adds, gates and softmax read
+                                             # unrounded outputs
+                                             "OpTypesToExcludeOutputQuantization":
+                                                 [] if quantize_outputs else list(OP_TYPES)})
+        qm = onnx.load(str(tmp))
+        ext = save_model(qm, out)                       # atomic (fileio.atomic_path) into the workdir
     counts = {op: sum(1 for n in qm.graph.node if n.op_type == op) for op in ("QuantizeLinear", "DequantizeLinear")}
     info = {"method": method, "calibration_calls": len(reader), "excluded_nodes": excl,
             "qdq_nodes": counts, "seconds": round(time.perf_counter() - t0, 1),

@@ -24,7 +24,7 @@ from ..manifest import Manifest, PrecisionVariant
 from ..fileio import sha256_file
 from .common import GRAPHS, available_precisions, compare_outputs, graph_file, iter_feeds, psnr
 from .convert import GraphRun
-from ..fileio import atomic_write_text, write_json
+from ..fileio import atomic_path, atomic_write_text, write_json
 
 PROMPTS = ("a red circle on the left", "a small blue square at the top", "a large green star in the center",
            "a yellow triangle at the bottom", "a purple cross on the right", "an orange circle at the top")
@@ -361,5 +361,8 @@ def plot(res: dict, path) -> None:
         return
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)

@@ -15,9 +15,22 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..config import CheersConfig
 from ..errors import CheckpointError, InputError
+from ..fileio import load_npy
 from ..manifest import Manifest
 from .backend import Backend, lookup_embeddings
+
+
+def manifest_config(man: Manifest) -> CheersConfig:
+    """The manifest's 'config' section as a CheersConfig: typed field by field and bounded (config.check), errors
+    naming manifest.json and the field."""
+    where = f"{man._where()}: field 'config'"
+    if not man.config:
+        raise CheckpointError(f"{man._where()}: the manifest has no 'config' section; re-export")
+    cfg = CheersConfig.from_dict(man.config, where=where)
+    cfg.check(where)
+    return cfg
 
 
 class GraphBackend(Backend):
@@ -25,12 +38,20 @@ class GraphBackend(Backend):
 
     def _open_workdir(self, workdir, manifest: Optional[Manifest], graphs: Sequence[str],
                       graph_files: bool = True) -> None:
-        """Load and check the manifest; `graph_files=False` checks the graphs' entries but not their ONNX files."""
+        """Load and check the manifest; `graph_files=False` checks the graphs' entries but not their ONNX files.
+
+        Before anything large is loaded or run: every file the manifest names stays inside the workdir
+        (Manifest.path), the graphs all come from the manifest's checkpoint (check_provenance: a mixed workdir is
+        refused), the sections agree with the model config and the backbone's cache tensors (check_model), and the
+        embedding table is a plain 2-D float32 (vocab, hidden) array (load_npy: never pickles)."""
         self.workdir = Path(workdir)
         self.manifest = manifest if manifest is not None else Manifest.load(self.workdir)
         if self.manifest.workdir is None:
             self.manifest.workdir = self.workdir
         self.where = f"workdir {self.workdir}"
+        self.manifest.check_provenance()
+        cfg = manifest_config(self.manifest)
+        self.manifest.check_model(cfg)
         self.manifest.check_files(graphs if graph_files else ())
         cache = self.manifest.check_cache_layout()
         self.max_context = int(self.manifest.require("max_context"))
@@ -49,7 +70,10 @@ class GraphBackend(Backend):
             if bb.inputs[1].dtype != "int64" or bb.inputs[2].dtype != "bool":
                 raise CheckpointError(f"{self.where}: backbone inputs 2-3 must be int64 position_ids and a bool "
                                       f"attention_mask; re-export")
-        self.embed_table = np.load(self.workdir / self.manifest.embed_file, mmap_mode="r")  # (V,D), memory-mapped
+        t = cfg.text_config
+        self.embed_table = load_npy(self.manifest.embed_path,                   # (V,D) float32, memory-mapped
+                                    f"{self.manifest.embed_path} (manifest field 'embed_tokens.file')",
+                                    dtype=np.float32, ndim=2, shape=(t.vocab_size, t.hidden_size))
         self._mask_memo: Optional[tuple] = None
 
     # -- host <-> backend (numpy on the host; the TensorRT backend extends these for device arrays)

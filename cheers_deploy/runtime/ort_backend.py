@@ -79,7 +79,10 @@ class GraphRunner:
                  where=where)
         self.input_names = entry.input_names
         self.output_names = entry.output_names
-        self.input_dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs}
+        try:
+            self.input_dtypes = {t.name: np.dtype(t.dtype) for t in entry.inputs}
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: graph '{name}' has an input dtype numpy cannot feed ({exc})") from None
         first = _provider_name(self.session.get_providers()[0])
         self.device = DEVICE_PROVIDERS.get(first, "cpu")
         self.io_binding = (self.device != "cpu") if io_binding is None else bool(io_binding)
@@ -171,12 +174,14 @@ class OrtBackend(GraphBackend):
         self.runners: Dict[str, GraphRunner] = {}
         for g in graphs:
             entry = self.manifest.graph(g)
-            variant = entry.variant(self.precision)
-            if variant is None or not (self.workdir / variant.file).is_file():
+            src, data = self.manifest.graph_files(g, self.precision)     # contained in the workdir (or refused)
+            if src is None or not src.is_file():
                 raise CheckpointError(f"{self.where}: no {self.precision} file for graph '{g}' (run cheers-deploy "
                                       f"calibrate convert/quantize --workdir {self.workdir})")
-            self.runners[g] = GraphRunner(g, self.workdir / variant.file, entry, self._providers_for(entry), so,
-                                          io_binding, self.where)
+            if data is not None and not data.is_file():
+                raise CheckpointError(f"{self.where}: graph '{g}' ({self.precision}) is missing its external data "
+                                      f"{data.name} (re-run the step that wrote it)")
+            self.runners[g] = GraphRunner(g, src, entry, self._providers_for(entry), so, io_binding, self.where)
 
     def _providers_for(self, entry):
         out = []

@@ -25,19 +25,38 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import CheersError, CheckpointError, InputError
 from ..manifest import GenerationDefaults
 from ..processor import load_image, make_dummy_image, preprocess_understanding
-from ..tokenizer import IMAGE_PLACEHOLDER
+from ..tokenizer import IMAGE_PLACEHOLDER, check_text
 from .backend import DECODE, IMAGE_STEP, PREFILL, Backend
 from .masks import prefill_mask
 from .observer import PipelineObserver, ProgressObserver, StageTimer
 from .sampling import sample_token
 from .scheduler import FlowMatchEulerScheduler
+from .streaming import stream_answer as _stream_answer, stream_chat as _stream_chat
 
 MAX_RAW_IDS = 1024       # the official loop stops once the raw id sequence exceeds this (§17.26)
 SEED_MAX = 2 ** 32 - 1   # seeds are what numpy's legacy RandomState takes: the official dummy image is drawn with it
 MAX_STEPS = 10000
+MAX_NEW_TOKENS = 1 << 20  # absolute bound; a backend's context (Backend.max_context) bounds it further
+
+# The ranges of every generation setting, in one table: Pipeline.check_inputs applies them to every call, and the
+# command line checks its options against the same table (cli/common.py) before anything is loaded.
+#   name: (kind, low, high, low end open)
+SETTINGS = {
+    "steps": ("int", 1, MAX_STEPS, False),
+    "max_new_tokens": ("int", 1, MAX_NEW_TOKENS, False),
+    "cfg_scale": ("float", 0.0, 100.0, False),          # 1 = no guidance; 0 = the unconditional branch only
+    "alpha": ("float", 0.0, 100.0, True),               # time shift: 0 would put every step at t = 0
+    "temperature": ("float", 0.0, 100.0, False),        # 0 = greedy
+    "top_p": ("float", 0.0, 1.0, True),
+}
+
+
+class NonFiniteOutputError(CheersError):
+    """The model produced NaN or infinite values where an image or latent was expected: nothing is reported as a
+    result (broken weights, or a backend/precision that overflows)."""
 
 
 @dataclass
@@ -154,6 +173,7 @@ class Pipeline:
         self.vocabulary = vocabulary
         self.timer = StageTimer()
         self._obs = _Observers([self.timer] + self.observers)     # per call: + the call's own observers
+        self.check_model()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -244,27 +264,43 @@ class Pipeline:
         out = self._call(req, warnings, None, observer)
         return AnswerOutput(out.text, out.token_ids, out.timings, out.stop_reason, out.warnings)
 
+    def stream_answer(self, image, question: str, **kw):
+        """answer() as a generator of text deltas as tokens are decoded (they concatenate to the answer's text); the
+        generator's return value is the AnswerOutput. Closing it cancels the run at the next token."""
+        return _stream_answer(self, image, question, **kw)
+
+    def stream_chat(self, prompt: str, **kw):
+        """chat() as a generator of text deltas (see stream_answer)."""
+        return _stream_chat(self, prompt, **kw)
+
     def describe_stop(self, stop_reason: str) -> str:
         return self.STOP_REASONS.get(stop_reason, stop_reason)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, prompt, req: _Request, allow_empty: bool = False) -> List[str]:
-        """Refuse unusable settings up front, each with a message naming the setting; return warnings (words the
-        model never saw)."""
-        if not isinstance(prompt, str):
-            raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+        """The one place where a call's arguments are refused, before any work, each with a one-line message naming
+        the setting: the prompt is text (valid UTF-8, not empty unless `allow_empty`); the seed is an integer in
+        0..2^32-1 (numpy's legacy seed range; Python or numpy ints and digit strings are taken); steps, cfg_scale,
+        alpha, temperature, top_p and max_new_tokens are finite and within `SETTINGS`; max_new_tokens also fits the
+        backend's context (`Backend.max_context`: the ORT/TensorRT manifest's, the torch config's
+        max_position_embeddings), so no backend is asked for a cache it cannot hold. Normalises the request in place
+        (seed to a Python int). Returns warnings (words the model never saw)."""
+        check_text(prompt, "prompt")
         if not allow_empty and not prompt.strip():
             raise InputError("the prompt is empty")
-        if isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed <= SEED_MAX:
-            raise InputError(f"seed must be an integer in 0..{SEED_MAX}, got {req.seed!r}")
-        _check_int("max_new_tokens", req.max_new_tokens, 1, 1 << 20)
-        _check_float("temperature", req.temperature, 0.0, 100.0)
-        _check_float("top_p", req.top_p, 0.0, 1.0, low_open=True)
+        req.seed = check_seed(req.seed)
+        limit = self.backend.max_context
+        req.max_new_tokens = check_setting("max_new_tokens", req.max_new_tokens,
+                                           high=min(MAX_NEW_TOKENS, limit) if limit else None,
+                                           why=f"the context of this model is {limit} positions" if limit else "")
+        req.temperature = check_setting("temperature", req.temperature)
+        req.top_p = check_setting("top_p", req.top_p)
         s = req.image
         if s is not None:
-            _check_int("steps", s.steps, 2 if s.edit else 1, MAX_STEPS)
-            _check_float("cfg_scale", s.cfg_scale, 0.0, 100.0)
-            _check_float("alpha", s.alpha, 0.0, 100.0, low_open=True)
+            s.steps = check_setting("steps", s.steps, low=2 if s.edit else None,
+                                    why="editing starts at t = 0.1 and needs two steps" if s.edit else "")
+            s.cfg_scale = check_setting("cfg_scale", s.cfg_scale)
+            s.alpha = check_setting("alpha", s.alpha)
             if s.noise is not None:
                 noise = np.asarray(s.noise, np.float32)
                 grid = self.processor.latent_grid
@@ -274,6 +310,33 @@ class Pipeline:
                 if not np.isfinite(noise).all():
                     raise InputError("noise must be finite")
         return self.vocabulary.unknown_words_warning(prompt) if self.vocabulary is not None else []
+
+    def check_model(self) -> None:
+        """What the tokenizer and processor files say must fit the model the graphs/weights were made for: every
+        token id below the config's vocab_size (a larger id would index past the embedding table), and one image's
+        tokens within the context. Raises CheckpointError naming the file."""
+        vocab = getattr(getattr(self.config, "text_config", None), "vocab_size", None)
+        check_vocab = getattr(self.tokenizer, "check_vocab_size", None)
+        if vocab is not None and check_vocab is not None:
+            check_vocab(int(vocab))
+        proc = self.processor
+        where = getattr(proc, "source", "preprocessor_config.json")
+        vision = getattr(self.config, "vision_representation_config", None)
+        patch = getattr(vision, "patch_size", None)
+        if patch is not None and getattr(proc, "patch_size", patch) != patch:
+            raise CheckpointError(f"{where}: patch_size {proc.patch_size} does not match the model's {patch} "
+                                  f"(config.json vision_representation_config.patch_size)")
+        image = getattr(getattr(self.backend, "manifest", None), "image", None)   # exported graphs: a fixed size
+        made_for = getattr(image, "resolution", None)
+        for res in (getattr(proc, "resolution", None), getattr(proc, "file_resolution", None)):
+            if made_for is not None and res is not None and res != made_for:
+                raise CheckpointError(f"{where}: scale_resolution {res} does not match the {made_for} the graphs "
+                                      f"were exported for; re-export")
+        limit = self.backend.max_context
+        tokens = getattr(proc, "tokens_per_image", None)
+        if limit and tokens is not None and tokens + 2 > limit:
+            raise CheckpointError(f"{where}: a scale_resolution of {proc.resolution} gives {tokens} tokens per "
+                                  f"image, more than the model's context of {limit} positions")
 
     # ------------------------------------------------------------------ phases
     @contextlib.contextmanager
@@ -353,7 +416,7 @@ class Pipeline:
         limit = be.max_context
         if limit is not None and s_len + (req.m_tokens + 1 if req.image else 1) > limit:
             raise InputError(f"the prompt needs {s_len} positions, more than the context of {limit} "
-                             f"this workdir was exported for (--max-context)")
+                             f"this model holds (a workdir: --max-context of the export)")
         if limit is not None:
             capacity = min(capacity, limit)
         req.bsz = len(branches)
@@ -449,9 +512,12 @@ class Pipeline:
                 new_ids.append(sp.img_end)
                 n_out += req.m_tokens
                 n_images += 1
-                out_latents.append(be.to_numpy(x)[0])
+                latent = be.to_numpy(x)[0]
+                check_finite("latent", latent)
+                out_latents.append(latent)
                 with self._stage("vae_decode", "output"):
                     pixels = be.vae_decode(x)
+                check_finite("image", pixels[0])
                 out_images.append(to_uint8(pixels[0]))
                 last = sp.img_end
                 continue
@@ -478,14 +544,58 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def _check_int(name: str, v, lo: int, hi: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise InputError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+def check_seed(seed) -> int:
+    """A seed in 0..2^32-1 (SEED_MAX: numpy's legacy RandomState range, which the official dummy image uses), as a
+    Python int. Takes Python and numpy integers, integral floats (7.0) and digit strings ("7", " 42 ")."""
+    v = None
+    if isinstance(seed, (bool, np.bool_)):
+        v = None
+    elif isinstance(seed, (int, np.integer)):
+        v = int(seed)
+    elif isinstance(seed, (float, np.floating)) and math.isfinite(float(seed)) and float(seed).is_integer():
+        v = int(seed)
+    elif isinstance(seed, str) and seed.strip().lstrip("+").isdigit() and seed.strip().isascii():
+        v = int(seed.strip())
+    if v is None or not 0 <= v <= SEED_MAX:
+        raise InputError(f"seed must be an integer in 0..{SEED_MAX}, got {_show(seed)}")
+    return v
 
 
-def _check_float(name: str, v, lo: float, hi: float, low_open: bool = False) -> None:
-    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and math.isfinite(float(v))
+def check_setting(name: str, value, low=None, high=None, why: str = ""):
+    """`value` checked against SETTINGS[name] (low/high narrow the range for one call; `why` says why): an int
+    setting must be an integer (numpy ints taken), a float setting a finite number. Returns it as a Python number."""
+    kind, lo, hi, low_open = SETTINGS[name]
+    lo = lo if low is None else low
+    hi = hi if high is None else high
+    if kind == "int":
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and lo <= value <= hi
+        if not ok:
+            raise InputError(f"{name} must be an integer in {lo}..{hi}{f' ({why})' if why else ''}, "
+                             f"got {_show(value)}")
+        return int(value)
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(float(value))
     if ok:
-        ok = (lo < float(v) if low_open else lo <= float(v)) and float(v) <= hi
+        v = float(value)
+        ok = (lo < v if low_open else lo <= v) and v <= hi
     if not ok:
-        raise InputError(f"{name} must be a finite number in {'(' if low_open else '['}{lo:g}, {hi:g}], got {v!r}")
+        raise InputError(f"{name} must be a finite number in {'(' if low_open else '['}{lo:g}, {hi:g}]"
+                         f"{f' ({why})' if why else ''}, got {_show(value)}")
+    return float(value)
+
+
+def check_finite(what: str, array) -> None:
+    """Refuse an output with NaN or infinite values: it is never reported (or written) as a result."""
+    a = np.asarray(array)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        bad = int(a.size - np.isfinite(a).sum())
+        raise NonFiniteOutputError(f"the model produced a non-finite {what} ({bad} of {a.size} values are NaN or "
+                                   f"infinite); nothing was written: check the weights, the precision and the "
+                                   f"settings (cfg_scale, alpha)")
+
+
+def _show(v) -> str:
+    """A value for a one-line message: short, no newlines."""
+    text = repr(v)
+    text = " ".join(text.split())
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -33,16 +33,40 @@ class TorchCache:
         return self.k[0].shape[2]
 
 
+DEFAULT_MAX_CONTEXT = 32768    # positions, when a config gives no usable max_position_embeddings (Qwen2-1.5B's)
+MAX_CONTEXT = 1 << 20          # never more, whatever a config says (the pipeline's MAX_NEW_TOKENS)
+
+
+def context_limit(config, max_context: Optional[int] = None) -> int:
+    """The most positions a torch KV cache may hold: `max_context` when given (1..MAX_CONTEXT), else the config's
+    text_config.max_position_embeddings (the positions the model was trained for, at most MAX_CONTEXT), else
+    DEFAULT_MAX_CONTEXT."""
+    if max_context is not None:
+        if isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) \
+                or not 1 <= int(max_context) <= MAX_CONTEXT:
+            raise InputError(f"max_context must be an integer in 1..{MAX_CONTEXT}, got {max_context!r}")
+        return int(max_context)
+    mpe = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if isinstance(mpe, bool) or not isinstance(mpe, (int, np.integer)) or mpe < 1:
+        return DEFAULT_MAX_CONTEXT
+    return min(int(mpe), MAX_CONTEXT)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None):
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", threads: Optional[int] = None,
+                 max_context: Optional[int] = None):
         """model: a CheersModel; device: 'cpu', 'cuda', 'cuda:1'; dtype: float32 (the parity reference), bfloat16 or
-        float16; threads: intra-op CPU threads for torch (see runtime.threads.set_torch_threads)."""
+        float16; threads: intra-op CPU threads for torch (see runtime.threads.set_torch_threads); max_context: the
+        most positions a KV cache may hold (default: the config's max_position_embeddings, else
+        DEFAULT_MAX_CONTEXT). The pipeline sizes each cache for its request and never beyond this, and refuses a
+        max_new_tokens larger than it before anything is allocated."""
         torch = require_torch()
         self.torch = torch
         if dtype not in DTYPES:
             raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.max_context = context_limit(getattr(model, "config", None), max_context)
         from .threads import set_torch_threads
 
         self.threads = set_torch_threads(threads)
@@ -80,6 +104,9 @@ class TorchBackend(Backend):
         return self.model.vision_tokenize(latent)
 
     def new_cache(self, batch, max_len):
+        if max_len > self.max_context:
+            raise InputError(f"{max_len} positions requested, more than the context of {self.max_context} "
+                             f"this model holds")
         t = self.cfg.text_config
         shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
         mk = lambda: self.torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731

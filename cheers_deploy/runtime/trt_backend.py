@@ -111,8 +111,9 @@ class TrtBackend(GraphBackend):
                  graphs: Sequence[str] = GRAPHS, trt_module=None, identity: Optional[dict] = None):
         """workdir: exported workdir with engines (cheers-deploy build). precision: which engine folder (default:
         the built one for this machine, preferring fp16 > bf16 > mixed > int8 > fp32). plugin_lib: the
-        gated-residual plugin library if cfm_head uses it (default: the path recorded at build time,
-        $CHEERS_TRT_PLUGIN, the CMake build folder). cuda_graphs: capture repeated stage calls.
+        gated-residual plugin library if cfm_head uses it (default: $CHEERS_TRT_PLUGIN, else the package's CMake
+        build folder; never the path recorded in the workdir's engine manifest), loaded only when its sha256 is the
+        one recorded at build time. cuda_graphs: capture repeated stage calls.
         allow_other_gpu: accept engines built on another GPU model of the same compute capability.
         (trt_module / identity replace TensorRT and the machine identity in tests.)"""
         graphs = list(graphs)
@@ -131,7 +132,8 @@ class TrtBackend(GraphBackend):
         self.engine_dir = tl.find_engine_dir(self.workdir, precision, self.identity, allow_other_gpu)
         self.engine_manifest = tl.read_engine_manifest(self.engine_dir)
         ems = self.engine_manifest.engines
-        missing = [g for g in graphs if g not in ems or not (self.engine_dir / ems[g].file).is_file()]
+        plans = {g: tl.plan_file(self.engine_dir, self.engine_manifest, g) for g in graphs if g in ems}   # contained
+        missing = [g for g in graphs if g not in plans or not plans[g].is_file()]
         if missing:
             raise CheckpointError(f"{self.engine_dir}: no engine for {', '.join(missing)}: run `cheers-deploy build "
                                   f"--workdir {self.workdir} --precision {precision}`")
@@ -144,7 +146,7 @@ class TrtBackend(GraphBackend):
         self._runtime = runtime
         self.engines: Dict[str, _Engine] = {}
         for g in graphs:
-            path = self.engine_dir / ems[g].file
+            path = plans[g]
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise CheckpointError(f"TensorRT could not deserialize {path} (see the TensorRT log; built by another "
@@ -183,17 +185,27 @@ class TrtBackend(GraphBackend):
                                       f"`cheers-deploy build --workdir {self.workdir} --precision {self.precision}`")
 
     def _load_plugin(self, graphs, ems, plugin_lib):
+        """Native code is loaded only from a place the user chose (plugin_lib=, $CHEERS_TRT_PLUGIN) or the package's
+        own build folder, never from the path a workdir's engine manifest records, and only when the library's
+        sha256 is the one recorded at build time (trt_plugin.load_plugin_library checks it before any dlopen)."""
         needs = [g for g in graphs if ems[g].fused_gates]
         if not needs:
             return
-        recorded = (self.engine_manifest.plugin or {}).get("path")
-        cand = plugin_lib or (recorded if recorded and Path(recorded).is_file() else None) \
-            or trt_plugin.default_plugin_library()
+        where = self.engine_dir / C.ENGINE_MANIFEST
+        recorded = self.engine_manifest.plugin or {}
+        want = recorded.get("sha256")
+        if not want:
+            raise CheckpointError(f"{where}: the {', '.join(needs)} engine uses the {C.PLUGIN_NAME} plugin but field "
+                                  f"'plugin.sha256' is missing: rebuild with `cheers-deploy build --workdir "
+                                  f"{self.workdir} --precision {self.precision} --force`")
+        cand = plugin_lib or trt_plugin.default_plugin_library()
         if cand is None:
+            name = Path(str(recorded.get("path") or "libcheers_plugins.so")).name
             raise CheckpointError(f"the {', '.join(needs)} engine uses the {C.PLUGIN_NAME} plugin, but no plugin "
-                                  f"library was found (built from {recorded or 'engines/plugins/gated_residual'}): "
-                                  f"pass plugin_lib= or set CHEERS_TRT_PLUGIN")
-        trt_plugin.load_plugin_library(cand)
+                                  f"library was given (it was built with {name}, sha256 {want[:12]}; the path an "
+                                  f"engine manifest records is never loaded): pass plugin_lib= or set "
+                                  f"{C.PLUGIN_ENV}")
+        trt_plugin.load_plugin_library(cand, expected_sha256=want, where=str(where))
 
     def _check_engine_io(self, e: _Engine) -> None:
         entry = self.manifest.graph(e.name)

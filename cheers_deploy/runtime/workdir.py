@@ -8,11 +8,11 @@ import inspect
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import CheersConfig
 from ..errors import CheckpointError, InputError, MissingDependencyError
 from ..manifest import Manifest
 from ..processor import Processor
 from ..vocabulary import Vocabulary
+from .graph_backend import manifest_config
 from .threads import resolve_threads
 
 # backend name -> (module, class); imported on demand so that `ort` never needs TensorRT and vice versa
@@ -53,10 +53,7 @@ def open_workdir(cls, workdir, backend: str = "ort", threads: Optional[int] = No
         raise InputError(f"the '{backend}' backend takes no option(s) {', '.join(unknown)} "
                          f"(it takes: {', '.join(sorted(accepted))})")
     be = backend_cls(workdir, manifest=man, **kw)
-    try:
-        cfg = CheersConfig.from_dict(man.config)
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{workdir}/manifest.json: bad model config ({exc}); re-export") from None
+    cfg = manifest_config(man)                # typed and bounded (the backend checked it against the graphs)
     img = man.require("image")
     proc = Processor.from_dir(workdir, resolution=img.resolution)
     if proc.tokens_per_image != img.tokens_per_image:

@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..checkpoint import load_state_into, save_state
+from ..errors import CheckpointError
 from ..fileio import atomic_path, write_json
 from ..fileio import atomic_write_text
 
@@ -130,7 +131,39 @@ def read_state(out_dir) -> Optional[dict]:
     path = Path(out_dir) / STATE_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than a trainer state holds")
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"cannot read {path}: {' '.join(str(exc).split()) or type(exc).__name__}; remove it "
+                              f"to train from scratch") from None
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; remove it to train from scratch")
+    return state
+
+
+MAX_STATE_BYTES = 16 << 20
+
+
+def _state_problem(state) -> str:
+    """Why a trainer_state.json cannot be resumed from, or ''."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"field 'step' must be a non-negative integer, got {step!r:.40}"
+    if not isinstance(state.get("vae_finalized"), bool):
+        return "field 'vae_finalized' must be true or false"
+    ema_steps = state.get("ema_steps", 0)
+    if isinstance(ema_steps, bool) or not isinstance(ema_steps, int) or ema_steps < 0:
+        return "field 'ema_steps' must be a non-negative integer"
+    if not isinstance(state.get("train_config"), dict):
+        return "field 'train_config' must be an object"
+    if not isinstance(state.get("stage", ""), str):
+        return "field 'stage' must be a string"
+    return ""
 
 
 def load_checkpoint(out_dir, state: dict, model, device) -> Resumed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from ..config import CheersConfig
-from ..errors import InputError
-from ..fileio import write_json
+from ..errors import CheckpointError, InputError
+from ..fileio import atomic_write_text, write_json
 from ..model.vae import normalize
 from ..world_tokenizer import train_world_tokenizer
 from .checkpointing import load_checkpoint, load_optimizer, read_state, save_checkpoint
@@ -166,7 +167,11 @@ class Trainer:
         # ---- recipe and model config (a resumed run: the saved recipe wins)
         state = read_state(self.out) if resume else None
         if state is not None:
-            tcfg = TrainConfig.from_dict(state["train_config"])
+            try:
+                tcfg = TrainConfig.from_dict(state["train_config"])
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.out / 'trainer_state.json'}: bad train_config ({exc}); remove it to "
+                                      f"train from scratch") from None
             model_config = CheersConfig.from_file(self.out / "config.json")
         self.tcfg = tcfg
         self.cfg = model_config if model_config is not None else CheersConfig.from_name(tcfg.preset)
@@ -483,11 +488,15 @@ class Trainer:
                         rows.append(r)
                 except (TypeError, ValueError, KeyError):
                     continue
-        self._csv_file = open(path, "w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
-        self._csv.writeheader()
+        # the header and the kept rows replace the file atomically (fileio); the log then grows by appended rows
+        buf = io.StringIO()
+        head = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        head.writeheader()
         for r in rows:
-            self._csv.writerow(r)
+            head.writerow(r)
+        atomic_write_text(path, buf.getvalue())
+        self._csv_file = open(path, "a", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS)
 
     def _write_row(self, step, stage, row, lr):
         r = {"step": step, "stage": stage, "lr": f"{lr:.3e}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 
+from ..fileio import atomic_path
+
 
 def plot_losses(csv_path, png_path) -> None:
     import matplotlib
@@ -46,5 +48,8 @@ def plot_losses(csv_path, png_path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(png_path) as tmp:          # a plot interrupted half-way never replaces the last one
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

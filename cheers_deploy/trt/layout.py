@@ -6,7 +6,6 @@ writes and the TensorRT backend reads (no TensorRT import here).
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -15,8 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..constants import ENGINE_FORMAT, ENGINE_MANIFEST, ENGINES_DIR, PRECISIONS, sm_key
 from ..errors import CheckpointError, InputError
-from ..fileio import write_json
-from ..manifest import Manifest, _Reader
+from ..fileio import contained, read_json, write_json
+from ..manifest import DTYPES, Manifest, _Reader
 
 
 def _safe(s: str) -> str:
@@ -38,6 +37,16 @@ def engine_dir(workdir, precision: str, tensorrt_version: str, compute_capabilit
     """``<workdir>/engines/<precision>/trt<version>/sm<cc>``: one folder per (precision, TensorRT, GPU arch)."""
     check_precision(precision)
     return Path(workdir) / ENGINES_DIR / precision / version_key(tensorrt_version) / sm_key(compute_capability)
+
+
+def contained_engine_dir(workdir, folder) -> Path:
+    """`folder` (an engine folder below `workdir`), refused when a link takes it (or its manifest) out of the
+    workdir: engine folders are read from untrusted workdirs too."""
+    workdir = Path(workdir)
+    rel = Path(folder).relative_to(workdir).as_posix()
+    contained(workdir, rel, f"workdir {workdir}: engine folder", kind="dir")
+    contained(workdir, f"{rel}/{ENGINE_MANIFEST}", f"workdir {workdir}: engine manifest")
+    return Path(folder)
 
 
 def plan_path(workdir, precision: str, tensorrt_version: str, compute_capability: str, graph: str) -> Path:
@@ -67,8 +76,8 @@ def graph_source(man: Manifest, graph: str, precision: str) -> Tuple[Path, Optio
         raise CheckpointError(f"workdir {wd} has no {precision} graph for '{graph}' (available: {', '.join(have)}): "
                               f"make it with `{how_to_make(wd, precision)}`, or build the graphs that exist with "
                               f"--precision {have[0]}")
-    src = wd / v.file
-    data = wd / v.external_data if v.external_data else None
+    man.check_provenance()                                  # never build engines from a mixed workdir
+    src, data = man.graph_files(graph, precision)          # contained in the workdir (or refused)
     for f in (src, data):
         if f is not None and not f.is_file():
             raise CheckpointError(f"workdir {wd}: graph '{graph}' ({precision}) is missing {f.name}; re-run "
@@ -109,6 +118,7 @@ def find_engine_dir(workdir, precision: str, runtime: dict, allow_other_gpu: boo
     workdir = Path(workdir)
     check_precision(precision)
     want = engine_dir(workdir, precision, runtime["tensorrt"], runtime["compute_capability"])
+    contained_engine_dir(workdir, want)
     if (want / ENGINE_MANIFEST).is_file():
         em = read_engine_manifest(want)
         check_engine_compat(em, runtime, where=str(want), workdir=workdir, precision=precision,
@@ -116,6 +126,7 @@ def find_engine_dir(workdir, precision: str, runtime: dict, allow_other_gpu: boo
         return want
     others = sorted((workdir / ENGINES_DIR / precision).glob(f"*/*/{ENGINE_MANIFEST}"))
     if others:
+        contained_engine_dir(workdir, others[0].parent)
         em = read_engine_manifest(others[0].parent)
         diffs = compat_differences(em, runtime, allow_other_gpu) or ["another TensorRT/GPU folder layout"]
         raise CheckpointError(f"no {precision} engines for this machine in {workdir / 'engines' / precision}: the "
@@ -145,14 +156,23 @@ class EngineEntry:
     @classmethod
     def from_dict(cls, name: str, d, where: str) -> "EngineEntry":
         r = _Reader(d, where, f"engines.{name}")
-        profiles = r.get("profiles", list, [])
+        profiles = r.items("profiles", list, [])
         for i, p in enumerate(profiles):
             pr = _Reader(p, where, f"engines.{name}.profiles[{i}]")
-            pr.get("name", str), pr.get("index", int)
-        return cls(r.get("file", str), profiles, r.get("inputs", list, []), r.get("outputs", list, []),
+            pr.get("name", str), pr.int_in("index", 0, 1023)
+        tensors = {}
+        for key in ("inputs", "outputs"):
+            tensors[key] = r.items(key, list, [])
+            for i, t in enumerate(tensors[key]):
+                tr = _Reader(t, where, f"engines.{name}.{key}[{i}]")
+                tr.get("name", str)
+                if tr.get("dtype", str) not in DTYPES:
+                    raise CheckpointError(f"{where}: field 'engines.{name}.{key}[{i}].dtype' = {t['dtype']!r:.40} is "
+                                          f"not one of {', '.join(DTYPES)}; rebuild with --force")
+        return cls(r.file("file"), profiles, tensors["inputs"], tensors["outputs"],
                    r.get("source_id", dict, None, allow_none=True), r.get("fingerprint", str, None, allow_none=True),
-                   r.get("fused_gates", int, 0, allow_none=True) or 0, r.get("size_bytes", int, 0),
-                   r.get("device_memory_bytes", int, 0), r.rest(cls.KNOWN))
+                   r.int_in("fused_gates", 0, 1 << 20, 0, allow_none=True) or 0, r.int_in("size_bytes", 0, 1 << 50, 0),
+                   r.int_in("device_memory_bytes", 0, 1 << 50, 0), r.rest(cls.KNOWN))
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.KNOWN}
@@ -188,9 +208,18 @@ class EngineManifest:
         r = _Reader(data, where)
         if r.get("format", str, None, allow_none=True) != ENGINE_FORMAT:
             raise CheckpointError(f"{where}: engine manifest format is not {ENGINE_FORMAT!r}; rebuild with --force")
-        engines = {g: EngineEntry.from_dict(g, d, where) for g, d in r.get("engines", dict, {}).items()}
-        return cls(r.get("precision", str), r.get("tensorrt", str), r.get("gpu", dict, {}), engines,
-                   r.get("plugin", dict, None, allow_none=True), r.rest(cls.KNOWN))
+        engines = {g: EngineEntry.from_dict(g, d, where) for g, d in r.items("engines", dict, {}).items()}
+        plugin = r.get("plugin", dict, None, allow_none=True)
+        if plugin is not None:
+            pr = _Reader(plugin, where, "plugin")
+            for k in ("path", "sha256", "name", "version"):
+                pr.get(k, str, None, allow_none=True)
+            sha = plugin.get("sha256")
+            if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise CheckpointError(f"{where}: field 'plugin.sha256' = {sha!r:.80} is not a sha256 hex digest; "
+                                      f"rebuild with --force")
+        return cls(r.get("precision", str), r.get("tensorrt", str), r.get("gpu", dict, {}), engines, plugin,
+                   r.rest(cls.KNOWN))
 
     def to_dict(self) -> dict:
         out = {"format": self.format, "precision": self.precision, "tensorrt": self.tensorrt, "gpu": self.gpu,
@@ -199,13 +228,15 @@ class EngineManifest:
         return out
 
 def read_engine_manifest(folder) -> EngineManifest:
+    """`engine_manifest.json` of an engine folder, read with fileio.read_json (size cap, strict JSON) and typed
+    field by field; every error is one line naming the file and the field."""
     path = Path(folder) / ENGINE_MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: unreadable engine manifest ({type(exc).__name__}); rebuild with --force") \
-            from None
-    return EngineManifest.from_dict(data, str(path))
+    return EngineManifest.from_dict(read_json(path, f"{path} (engine manifest; rebuild with --force)"), str(path))
+
+
+def plan_file(folder, em: EngineManifest, graph: str) -> Path:
+    """The plan file of `graph` in the engine folder `folder`, contained in it (the engine manifest names it)."""
+    return contained(folder, em.engines[graph].file, f"{Path(folder) / ENGINE_MANIFEST}: field 'engines.{graph}.file'")
 
 
 def write_engine_manifest(folder, em: EngineManifest) -> Path:

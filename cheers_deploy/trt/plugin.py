@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..constants import PLUGIN_ENV, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from ..errors import CheersError, InputError
+from ..errors import CheckpointError, CheersError, InputError
+from ..fileio import sha256_file
 from .compat import import_tensorrt
 
 _LOADED: Dict[str, object] = {}
@@ -23,15 +24,25 @@ def _exports(path: Path, symbol: str) -> bool:
     return hasattr(lib, symbol)
 
 
-def load_plugin_library(path, check_creator: bool = True) -> Path:
+def load_plugin_library(path, check_creator: bool = True, expected_sha256: Optional[str] = None,
+                        where: str = "the engine manifest") -> Path:
     """Load the gated-residual plugin library once per process and check that ``CheersGatedResidual`` v1 is
     registered. ``libcheers_plugins.so`` (exports ``getCreators``) goes through
     ``trt.get_plugin_registry().load_library``; ``libcheers_plugins_static_reg.so`` registers itself when it is
-    dlopen'ed (ctypes). Loading both in one process makes TensorRT refuse the second (duplicate creator)."""
+    dlopen'ed (ctypes). Loading both in one process makes TensorRT refuse the second (duplicate creator).
+
+    `expected_sha256` (what `cheers-deploy build` recorded in the engine manifest `where`): the library's sha256
+    must equal it, checked before anything is dlopen'ed; a mismatch is a CheckpointError naming both hashes."""
     trt = import_tensorrt()
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise InputError(f"plugin library not found: {path} (build it: see engines/plugins/gated_residual/README.md)")
+    if expected_sha256 is not None:
+        have = sha256_file(path)
+        if have != expected_sha256:
+            raise CheckpointError(f"plugin library {path} has sha256 {have}, but {where} records {expected_sha256} "
+                                  f"(field 'plugin.sha256'): not the library the engines were built with; pass the "
+                                  f"right one or rebuild the engines with this one")
     key = str(path)
     if key not in _LOADED:
         if _exports(path, "getCreators"):
@@ -65,7 +76,8 @@ def plugin_registered(name: str = PLUGIN_NAME, version: str = PLUGIN_VERSION,
 
 
 def default_plugin_library() -> Optional[Path]:
-    """$CHEERS_TRT_PLUGIN, else the CMake build folder of the repository checkout, else None."""
+    """$CHEERS_TRT_PLUGIN, else the CMake build folder of the repository checkout, else None (places the user or the
+    package chose; a path recorded in a workdir is never a default)."""
     env = os.environ.get(PLUGIN_ENV)
     if env:
         return Path(env)
