@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORK ?= work/tiny
 
-.PHONY: demo test test-slow test-all venv clean bench
+.PHONY: demo test test-slow test-all test-triton venv clean bench
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rfEs -m "not slow" tests
+
+# the Triton repository and a real tritonserver on loopback (also part of `make test`); the first run installs
+# tritonserver from the nvidia-pytriton wheel into ~/.cache/cheers-deploy/triton and tritonclient (--no-deps)
+test-triton: $(STAMP)
+	$(BIN)/python -m pytest -q -rfEs tests/test_triton.py
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -rfEs -m slow tests

@@ -41,8 +41,16 @@ setup(
         # cheers-deploy serve (docs/serving.md); the runtime never imports these
         "serve": ["starlette>=0.40", "uvicorn>=0.30", "pydantic>=2.5", "prometheus-client>=0.19",
                   "python-multipart>=0.0.9"],
-        "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.0"],
-        "trt": ["polygraphy>=0.49", "cuda-python>=12.0"],
+        # cuda-python's major must be the CUDA major of the driver/TensorRT: cuda-python 13 needs an R580+ driver and
+        # fails on JetPack 6.2 (CUDA 12.6) with cudaErrorInsufficientDriver (docs/jetson.md)
+        #   trt-cu12: CUDA 12.x: JetPack 6.x (Orin), TensorRT 10.x for CUDA 12 on x86/SBSA
+        #   trt-cu13: CUDA 13.x: JetPack 7 (Thor), TensorRT for CUDA 13
+        #   trt:      the same as trt-cu12 (kept for existing installs; JetPack 7 / CUDA 13 needs trt-cu13)
+        "trt-cu12": ["polygraphy>=0.49", "cuda-python>=12.6,<13"],
+        "trt-cu13": ["polygraphy>=0.49", "cuda-python>=13,<14"],
+        "trt": ["polygraphy>=0.49", "cuda-python>=12.6,<13"],
+        # onnxruntime-gpu from PyPI is built for CUDA 12
+        "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.6,<13"],
     },
     entry_points={"console_scripts": ["cheers-deploy=cheers_deploy.cli:main"]},
 )

@@ -182,6 +182,26 @@ def test_capture_ends_on_error(fake):
     buf.memset(1, s)
 
 
+def test_failed_capture_clears_the_last_error(runtime):
+    """A capture-unsafe call (cudaMalloc) fails the capture; capture() ends it and, as trtexec does, resets the
+    calling thread's 'last error' of cuda-python's runtime (and of every shared libcudart in the process), so the
+    next call does not see the stale error."""
+    s = dm.CudaStream()
+    if runtime is not None:
+        runtime.libcudart.record(900)                  # what a capture-unsafe call inside TensorRT leaves there
+    with pytest.raises(compat.CudaError, match="cudaMalloc"):
+        with s.capture() as cap:
+            dm.DeviceBuffer(12345 * 256 + 7)           # a size the pool does not hold: a real cudaMalloc
+    assert cap.graph is None and cap.cleared.get("cuda-python", 0) != 0
+    assert dm.clear_last_errors().get("cuda-python", 0) == 0           # nothing left behind
+    if runtime is not None:
+        assert not runtime.capturing and runtime.last_error == 0
+        assert cap.cleared["libcudart.so.12"] == 900 and runtime.libcudart.last_error == 0
+    buf = dm.DeviceBuffer(64)                          # the stream and the runtime work again
+    buf.memset(0, s)
+    s.synchronize()
+
+
 def test_cuda_errors_are_cheers_errors(fake):
     def failing(n):
         return 2, None                                             # cudaErrorMemoryAllocation

@@ -28,7 +28,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("precision",),
     ("build",),
     ("bench", "doctor"),
-    ("serve",),
+    ("serve", "triton"),
     ("cli",),
     ("demo", "__init__"),
 ]

@@ -406,13 +406,48 @@ def test_plugin_host_logic(kernel_library, tmp_path):
     assert " 0 failed" in run.stdout
 
 
+@needs_nvcc
+@pytest.mark.parametrize("static_reg", [0, 1])
+def test_plugin_library_exports_and_cuda_runtime(static_reg, kernel_library, tmp_path):
+    """libcheers_plugins.so linked as CMake links it (shared CUDA runtime, hidden visibility), against the API
+    subset: it exports getCreators and setLoggerFinder (the static-registration variant setLoggerFinder only), never
+    getPluginCreators, and needs libcudart.so.<nvcc's CUDA major> - the DT_NEEDED entry the Python loader compares
+    with TensorRT's CUDA major. Exports read with nm and with the package's own ELF reader."""
+    import re
+    import shutil
+
+    from cheers_deploy.trt import compat
+
+    _, obj = kernel_library
+    lib = tmp_path / "libcheers_plugins.so"
+    build = subprocess.run([NVCC, "-shared", "-std=c++17", "-cudart", "shared",
+                            "-Xcompiler", "-fPIC,-fvisibility=hidden",
+                            f"-DCHEERS_PLUGIN_STATIC_REGISTRATION={static_reg}", "-I", str(API_SUBSET), "-I", str(SRC),
+                            "-o", str(lib), str(SRC / "GatedResidualPlugin.cpp"), str(obj)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    info = compat.read_elf_dynamic(lib)
+    entry = {"getCreators", "getPluginCreators", "setLoggerFinder"}
+    want = {"setLoggerFinder"} if static_reg else {"getCreators", "setLoggerFinder"}
+    assert info.exports & entry == want
+    if shutil.which("nm"):
+        nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
+        assert {ln.split()[-1].split("@")[0] for ln in nm.stdout.splitlines() if ln.strip()} & entry == want
+    ver = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+    major = int(re.search(r"release (\d+)\.", ver).group(1))
+    assert compat.cudart_major(info.needed) == major, info.needed
+
+
 def test_plugin_sources_declare_the_contract():
     cpp = (SRC / "GatedResidualPlugin.cpp").read_text()
     hdr = (SRC / "GatedResidualPlugin.h").read_text()
     compat = (SRC / "trt_compat.h").read_text()
     assert '"CheersGatedResidual"' in hdr and 'kGatedResidualPluginVersion = "1"' in hdr
-    for sym in ("getCreators", "getPluginCreators", "setLoggerFinder", "REGISTER_TENSORRT_PLUGIN"):
+    for sym in ("getCreators", "setLoggerFinder", "REGISTER_TENSORRT_PLUGIN"):
         assert sym in cpp, sym
+    # NVIDIA's V3 plugin libraries export getCreators and setLoggerFinder only; getPluginCreators hands out V2
+    # IPluginCreator pointers to whoever calls it
+    assert "getPluginCreators(" not in cpp
     # TensorRT version handling lives in trt_compat.h only
     assert "NV_TENSORRT_MAJOR" in compat
     assert "NV_TENSORRT_MAJOR" not in cpp and "NV_TENSORRT_MAJOR" not in hdr

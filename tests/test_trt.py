@@ -736,6 +736,234 @@ def test_open_workdir_dispatches_to_trt(tiny_workdir, tmp_path, fakes, monkeypat
 
 
 # =====================================================================================================================
+# install extras, default precision, memory, failed captures, the plugin's CUDA runtime (review findings)
+# =====================================================================================================================
+def test_setup_extras_pin_cuda_python_per_cuda_major():
+    """cuda-python 13 needs an R580+ driver: an unbounded `cuda-python>=12` breaks JetPack 6 (CUDA 12.6) with
+    cudaErrorInsufficientDriver. Every extra pins one CUDA major; `trt` is the cu12 one."""
+    import ast
+    import re
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    extras = next(ast.literal_eval(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for kw in node.keywords if kw.arg == "extras_require")
+    assert "cuda-python>=12.6,<13" in extras["trt-cu12"] and "cuda-python>=13,<14" in extras["trt-cu13"]
+    assert extras["trt"] == extras["trt-cu12"]
+    for name, reqs in extras.items():
+        for r in reqs:
+            if r.replace("_", "-").startswith("cuda-python"):
+                assert re.search(r"<\s*1[0-9]\b", r), f"extra [{name}]: {r} has no upper bound on the CUDA major"
+
+
+def test_build_default_precision_is_what_the_workdir_has(tmp_path, tiny_config, capsys, monkeypatch):
+    """`cheers-deploy build` without --precision builds fp16 when the workdir has fp16 graphs, else the exported
+    fp32 ones with a note naming the command that makes fp16 (recommended on Jetson)."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    wd = _fake_workdir(tmp_path, tiny_config)
+    rc = cli.main(["build", "--workdir", str(wd)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.strip().startswith("error: TensorRT is not installed")      # got past the precision
+    assert "building the exported fp32 graphs" in out and "Jetson" in out
+    assert f"cheers-deploy calibrate convert --workdir {wd} --precision fp16" in out
+    man = Manifest.load(wd)
+    names = list(man.graphs)
+    for g in names[:-1]:
+        man.graph(g).precisions = {"fp16": PrecisionVariant(f"fp16/{g}.onnx", None)}
+    prec, note = eb.default_precision(man, names)
+    assert prec == "fp32" and "calibrate convert" in note                 # one graph without fp16: not fp16
+    man.graph(names[-1]).precisions = {"fp16": PrecisionVariant(f"fp16/{names[-1]}.onnx", None)}
+    assert eb.default_precision(man, names) == ("fp16", None)
+    assert eb.default_precision(man, names[:1]) == ("fp16", None)
+
+
+def test_fake_build_and_load_hold_no_second_copy_of_a_plan(tiny_workdir, tmp_path, fakes, monkeypatch):
+    """The build writes the plan from TensorRT's buffer and inspects it by deserializing the written file from a
+    memory map; loading deserializes from a memory map too: no `bytes` copy of a plan next to its engine."""
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    logs = []
+    graphs = ["vae_encoder", "vae_decoder"]
+    em = eb.build_engines(wd, graphs=graphs, fuse=False, log=logs.append)        # no precision: what exists
+    assert em.precision == "fp32" and any("calibrate convert" in x and "Jetson" in x for x in logs)
+    assert FakeTrt.deserialized == ["memoryview"] * 2                 # inspected from the file, not from bytes
+    d = tl.engine_dir(wd, "fp32", IDENT["tensorrt"], IDENT["compute_capability"])
+    assert all(em.engines[g].size_bytes == (d / f"{g}.plan").stat().st_size for g in graphs)
+
+    real_read_bytes = Path.read_bytes
+
+    def no_plan_reads(self):
+        assert self.suffix != ".plan", f"{self} read into host memory"
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", no_plan_reads)
+    FakeTrt.deserialized = []
+    be = TrtBackend(wd, "fp32", graphs=graphs, trt_module=FakeTrt, identity=IDENT)
+    assert FakeTrt.deserialized == ["memoryview"] * 2
+    img = be.manifest.image
+    x = np.zeros((1, img.latent_channels, img.latent_grid, img.latent_grid), np.float32)
+    assert np.all(np.isfinite(be.vae_decode(x)))
+    be.close()
+    (d / "vae_decoder.plan").write_bytes(b"")                       # an empty file cannot be mapped: refused
+    with pytest.raises(CheckpointError, match=r"could not deserialize .*vae_decoder.plan"):
+        TrtBackend(wd, "fp32", graphs=graphs, trt_module=FakeTrt, identity=IDENT)
+
+
+def test_fake_failed_capture_clears_the_stale_error_before_the_retry(tiny_workdir, tmp_path, fakes, monkeypatch,
+                                                                     caplog):
+    """cfm_head (with the plugin) fails its CUDA-graph capture: the capture-unsafe call leaves a 'last error' in the
+    process's libcudart (and cuda-python's own). The backend clears both, as trtexec does, and the uncaptured retry
+    succeeds; without the clearing, a plugin launcher that returns cudaGetLastError() fails the retry."""
+    import logging
+
+    from cheers_deploy.runtime.ort_backend import OrtBackend
+    from cheers_deploy.runtime.trt_backend import TrtBackend
+    from cheers_deploy.trt import device_memory as dm
+
+    wd = _linked_copy(tiny_workdir, tmp_path / "wd")
+    lib = tmp_path / "libcheers_plugins.so"
+    lib.write_bytes(b"\x7fELF fake")
+    eb.build_engines(wd, "fp32", plugin_lib=lib, graphs=["cfm_head"], log=lambda s: None)
+    FakeTrt.capture_unsafe = {"cfm_head"}
+    rng = np.random.default_rng(9)
+    hid = rng.standard_normal((2, 4, 64)).astype(np.float32)
+    pe = rng.standard_normal((2, 16, 64)).astype(np.float32)
+    t = np.asarray([0.3, 0.3], np.float32)
+    want = OrtBackend(wd, graphs=["cfm_head"]).cfm_head(hid, pe, t)
+    kw = dict(graphs=["cfm_head"], trt_module=FakeTrt, identity=IDENT, plugin_lib=lib)
+
+    be = TrtBackend(wd, "fp32", **kw)
+    with caplog.at_level(logging.WARNING, logger="cheers_deploy.runtime.trt_backend"):
+        outs = [be.cfm_head(hid, pe, t) for _ in range(3)]          # run, capture fails -> retry, uncaptured
+    for v in outs:
+        assert np.abs(v - want).max() <= 1e-5 * np.abs(want).max()
+    st = be.cuda_graph_stats()["cfm_head/default"]
+    assert st["disabled"] and not st["captured"] and fakes.cudart.calls["unsafe_in_capture"] == 1
+    assert fakes.cudart.libcudart.last_error == 0 and fakes.cudart.last_error == 0
+    assert "running it uncaptured (cleared stale CUDA errors" in caplog.text and "libcudart.so.12" in caplog.text
+    be.close()
+
+    # the same without clearing: the retry fails on the stale error
+    monkeypatch.setattr(dm, "clear_last_errors", lambda: {})
+    be = TrtBackend(wd, "fp32", **kw)
+    be.cfm_head(hid, pe, t)
+    with pytest.raises(CheersError, match="TensorRT execution of 'cfm_head'"):
+        be.cfm_head(hid, pe, t)
+
+
+def test_fake_plugin_with_another_cuda_runtime_is_refused(tmp_path, fakes, monkeypatch, caplog):
+    """A plugin linking libcudart.so.13 next to a TensorRT built for CUDA 12 would put two CUDA runtimes in one
+    process: refused before it is loaded (after the sha256 check), as is one whose libcudart cannot be found."""
+    import logging
+
+    lib = tmp_path / "libcheers_plugins.so"
+    lib.write_bytes(b"\x7fELF fake")
+    fakes.plugin_elf.needed = ["libcudart.so.13", "libc.so.6"]
+    with pytest.raises(CheckpointError, match="sha256"):               # the trust check comes first
+        trt_plugin.load_plugin_library(lib, expected_sha256="0" * 64)
+    with pytest.raises(CheersError) as exc:
+        trt_plugin.load_plugin_library(lib)
+    msg = str(exc.value)
+    assert "links the CUDA 13 runtime (libcudart.so.13)" in msg and "built for CUDA 12" in msg
+    assert "two CUDA runtimes" in msg and fakes.loaded == []
+    fakes.plugin_elf.needed = ["libcudart.so.12"]
+    fakes.findable = set()
+    with pytest.raises(CheersError, match=r"needs libcudart.so.12, which the dynamic loader cannot find.*"
+                                          r"LD_LIBRARY_PATH"):
+        trt_plugin.load_plugin_library(lib)
+    assert fakes.loaded == []
+    fakes.findable = {"libcudart.so.12"}
+    assert trt_plugin.load_plugin_library(lib) == lib.resolve() and fakes.loaded == [lib.resolve()]
+    # TensorRT's CUDA major unknown: loaded, with a warning naming why
+    fakes.new_process(monkeypatch)
+    monkeypatch.setattr(compat, "tensorrt_cuda_major", lambda trt=None: (None, "unknown (test)"))
+    with caplog.at_level(logging.WARNING, logger="cheers_deploy.trt.plugin"):
+        trt_plugin.load_plugin_library(lib)
+    assert "loaded unchecked" in caplog.text and fakes.loaded == [lib.resolve()]
+
+
+def _cc():
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler (cc)")
+    return cc
+
+
+def test_elf_reader_and_cuda_runtime_check_on_real_libraries(tmp_path, monkeypatch):
+    """The ELF reader on libraries built here: DT_NEEDED, RUNPATH, exported (not hidden) symbols - the same as
+    `nm -D --defined-only` - and the plugin check against a TensorRT of the same / another CUDA major."""
+    import subprocess
+
+    cc = _cc()
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    (tmp_path / "cudart.c").write_text("int cudaGetLastError(void) { return 0; }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(rt / "libcudart.so.97"), str(tmp_path / "cudart.c"),
+                    "-Wl,-soname,libcudart.so.97"], check=True)
+    (tmp_path / "plug.c").write_text(
+        "int cudaGetLastError(void);\n"
+        "__attribute__((visibility(\"hidden\"))) int hidden_helper(void) { return 1; }\n"
+        "static int local_helper(void) { return 2; }\n"
+        "const void* getCreators(int* n) { *n = hidden_helper() + local_helper() + cudaGetLastError(); return 0; }\n"
+        "void setLoggerFinder(void* f) { (void)f; }\n")
+    plug = tmp_path / "libplug.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(plug), str(tmp_path / "plug.c"), f"-L{rt}", "-l:libcudart.so.97",
+                    "-Wl,-rpath,$ORIGIN/rt", "-Wl,--enable-new-dtags"], check=True)
+    info = compat.read_elf_dynamic(plug)
+    assert "libcudart.so.97" in info.needed and info.rpath == ["$ORIGIN/rt"]
+    assert info.search_dirs(plug) == [rt]
+    assert {"getCreators", "setLoggerFinder"} <= info.exports
+    assert not {"hidden_helper", "local_helper", "cudaGetLastError"} & info.exports
+    assert compat.cudart_major(info.needed) == 97 and compat.read_elf_dynamic(rt / "libcudart.so.97").soname == \
+        "libcudart.so.97"
+    if shutil.which("nm"):
+        nm = subprocess.run(["nm", "-D", "--defined-only", str(plug)], capture_output=True, text=True, check=True)
+        assert {ln.split()[-1].split("@")[0] for ln in nm.stdout.splitlines() if ln.strip()} == set(info.exports)
+    for bad, why in ((b"not an ELF at all", "not an ELF"), (b"\x7fELF\x02\x01\x01" + b"\0" * 9, "truncated"),
+                     (b"", "cannot read")):
+        (tmp_path / "bad.so").write_bytes(bad)
+        with pytest.raises(CheersError, match=why):
+            compat.read_elf_dynamic(tmp_path / "bad.so")
+
+    class Trt:
+        __version__ = "10.3.0.30"
+
+    # TensorRT's CUDA major from its libnvinfer's DT_NEEDED (a library named like it, 'mapped' in the process)
+    nvinfer = tmp_path / "libnvinfer.so.10"
+    shutil.copy(plug, nvinfer)
+    monkeypatch.setattr(compat, "_mapped_libraries", lambda pattern: [str(nvinfer)] if "nvinfer" in pattern else [])
+    assert compat.tensorrt_cuda_major(Trt)[0] == 97
+    assert trt_plugin.check_plugin_cuda_runtime(plug, Trt) == 97          # found through the library's RUNPATH
+    monkeypatch.setattr(compat, "tensorrt_cuda_major", lambda trt=None: (12, "test"))
+    with pytest.raises(CheersError, match="links the CUDA 97 runtime"):
+        trt_plugin.check_plugin_cuda_runtime(plug, Trt)
+    monkeypatch.setattr(compat, "tensorrt_cuda_major", lambda trt=None: (97, "test"))
+    shutil.rmtree(rt)
+    with pytest.raises(CheersError, match="needs libcudart.so.97, which the dynamic loader cannot find"):
+        trt_plugin.check_plugin_cuda_runtime(plug, Trt)
+
+
+def test_tensorrt_cuda_major_sources(tmp_path, monkeypatch):
+    class Trt:
+        __version__ = "10.13.0.35+cuda13"
+
+    assert compat.tensorrt_cuda_major(Trt) == (13, "TensorRT version 10.13.0.35+cuda13")
+    Trt.__version__ = "10.3.0.30"
+    monkeypatch.setattr(compat, "_mapped_libraries", lambda pattern: [])
+    monkeypatch.setattr(compat, "_pip_tensorrt_cuda_majors", lambda: {12})
+    assert compat.tensorrt_cuda_major(Trt) == (12, "pip package tensorrt-cu12")
+    monkeypatch.setattr(compat, "_pip_tensorrt_cuda_majors", lambda: {12, 13})          # ambiguous: next source
+    status = tmp_path / "status"
+    status.write_text("Package: libnvinfer-dev\nStatus: install ok installed\nVersion: 10.3.0.30-1+cuda11.8\n\n"
+                      "Package: libnvinfer10\nStatus: install ok installed\nVersion: 10.3.0.30-1+cuda12.5\n\n")
+    monkeypatch.setattr(compat, "_DPKG_STATUS", status)
+    assert compat.tensorrt_cuda_major(Trt) == (12, "package libnvinfer10 (+cuda12)")
+    status.write_text("")
+    major, why = compat.tensorrt_cuda_major(Trt)
+    assert major is None and "several CUDA majors" in why
+
+
+# =====================================================================================================================
 # real TensorRT (skipped without it; run on a machine with TensorRT, Polygraphy, cuda-python and a GPU)
 # =====================================================================================================================
 @pytest.fixture(scope="module")

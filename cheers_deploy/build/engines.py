@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..fileio import atomic_write_bytes, sha256_file, sha256_json
 from ..manifest import GraphEntry, Manifest
 from ..trt import compat, plugin as trt_plugin
 from ..trt.layout import (EngineEntry, EngineManifest, check_precision, engine_dir, file_stamp, graph_source,
-                          read_engine_manifest, source_id, write_engine_manifest)
+                          how_to_make, read_engine_manifest, source_id, write_engine_manifest)
 
 TIMING_CACHE = "timing.cache"
 FUSED_DIR = "fused"
@@ -141,10 +142,15 @@ def _pg_profiles(pg, profiles: Profiles):
     return out
 
 
-def inspect_engine(trt, plan: bytes) -> dict:
-    """I/O tensors (name, dtype, shape with -1 for dynamic), per-profile shapes and activation memory of a plan."""
+def inspect_engine(trt, plan) -> dict:
+    """I/O tensors (name, dtype, shape with -1 for dynamic), per-profile shapes and activation memory of a plan (a
+    file, deserialized from a memory map, or a buffer). The build calls it on the written file once the builder and
+    the serialized plan are gone, so only this engine is in memory."""
     runtime = trt.Runtime(compat.trt_logger())
-    engine = runtime.deserialize_cuda_engine(plan)
+    if isinstance(plan, (str, os.PathLike)):
+        engine = compat.deserialize_engine(runtime, plan)
+    else:
+        engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise CheersError("TensorRT could not deserialize the engine it just built")
     inputs, outputs = [], []
@@ -178,17 +184,39 @@ def resolve_plugin(plugin_lib) -> Optional[Path]:
     return found.resolve() if found is not None and found.is_file() else None
 
 
-def build_engines(workdir, precision: str = "fp16", plugin_lib=None, force: bool = False, timing_cache=None,
+def default_precision(man: Manifest, names: Sequence[str]) -> Tuple[str, Optional[str]]:
+    """What `cheers-deploy build` builds without --precision: fp16 when every graph has an fp16 variant
+    (`cheers-deploy calibrate convert`), else the exported precision (fp32), with a note saying how to make fp16."""
+    if names and all(man.precision == "fp16" or "fp16" in man.graph(g).precisions for g in names):
+        return "fp16", None
+    note = (f"note: workdir {man.workdir} has no fp16 graphs: building the exported {man.precision} graphs. fp16 "
+            f"engines are recommended, on Jetson above all (half the weights in the shared memory, faster, less "
+            f"memory to build): `{how_to_make(man.workdir, 'fp16')}`, then `cheers-deploy build --workdir "
+            f"{man.workdir}` again")
+    return man.precision, note
+
+
+def build_engines(workdir, precision: Optional[str] = None, plugin_lib=None, force: bool = False, timing_cache=None,
                   graphs: Optional[Sequence[str]] = None, fuse: bool = True, builder_optimization_level=None,
                   workspace_mib: Optional[int] = None, log: Callable[[str], None] = print) -> EngineManifest:
-    """Build (or reuse) one engine per graph. Returns the engine manifest (also written next to the plans)."""
+    """Build (or reuse) one engine per graph. Returns the engine manifest (also written next to the plans).
+    precision None: fp16 if the workdir has fp16 graphs, else the exported fp32 ones (with a note, default_precision).
+
+    Memory: each plan is written from TensorRT's own buffer (no copy), and inspected by deserializing the written
+    file from a memory map after the builder, the network, the parsed weights and the serialized plan are released
+    (Polygraphy's engine_bytes_from_network keeps none of them), so the peaks of building and inspecting do not
+    add up (docs/jetson.md, "Memory while building and loading")."""
     workdir = Path(workdir)
-    check_precision(precision)
     man = Manifest.load(workdir)
     names = list(graphs) if graphs else [g for g in GRAPH_NAMES if g in man.graphs]
     unknown = [g for g in names if g not in man.graphs]
     if unknown:
         raise InputError(f"graph(s) {unknown} not in {workdir / MANIFEST_NAME} (has: {sorted(man.graphs)})")
+    if precision is None:
+        precision, note = default_precision(man, names)
+        if note:
+            log(note)
+    check_precision(precision)
     # cheap checks first: every source file and profile, before TensorRT is even imported
     sources = {g: graph_source(man, g, precision) for g in names}
     profiles = {g: profiles_for(man.graph(g), g) for g in names}
@@ -255,22 +283,24 @@ def build_engines(workdir, precision: str = "fp16", plugin_lib=None, force: bool
                               f"(see the TensorRT log above)") from None
         if not blob:
             raise CheersError(f"TensorRT returned no engine for '{g}' (see the TensorRT log above)")
-        data_bytes = bytes(blob)
-        del blob
-        atomic_write_bytes(plan, data_bytes)
-        info = inspect_engine(trt, data_bytes)
+        with memoryview(blob) as view:             # IHostMemory exposes the buffer protocol: written without a copy
+            atomic_write_bytes(plan, view)
+        del blob                                   # the last reference to the serialized plan (builder already gone)
+        gc.collect()
+        info = inspect_engine(trt, plan)           # deserialized from the file, nothing else of this build alive
+        plan_bytes = plan.stat().st_size
         build_s = round(time.perf_counter() - t0, 1)
         engines[g] = EngineEntry(
             file=plan.name,
             profiles=[{"name": m, "index": i, "shapes": {k: [list(s) for s in v] for k, v in p.items()}}
                       for i, (m, p) in enumerate(profiles[g])],
             inputs=info["inputs"], outputs=info["outputs"], source_id=source_id(man, g, precision), fingerprint=fp,
-            fused_gates=int(fused or 0) if use_plugin else 0, size_bytes=len(data_bytes),
+            fused_gates=int(fused or 0) if use_plugin else 0, size_bytes=plan_bytes,
             device_memory_bytes=info["device_memory_bytes"],
             extra={"source": os.path.relpath(src, workdir), "built_from": os.path.relpath(build_src, workdir),
                    "build_s": build_s, "num_profiles": info["num_profiles"]})
         write_engine_manifest(out, em)
-        log(f"{g:17s} {len(data_bytes) / 2**20:8.1f} MiB  {build_s:.0f} s  -> {plan}")
+        log(f"{g:17s} {plan_bytes / 2**20:8.1f} MiB  {build_s:.0f} s  -> {plan}")
     write_engine_manifest(out, em)
     return em
 

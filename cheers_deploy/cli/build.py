@@ -9,9 +9,11 @@ from ..constants import PRECISIONS
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", metavar="DIR", required=True, help="exported workdir (cheers-deploy export --out DIR)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="which graphs to build (strongly typed: the graph's dtypes are the engine's). fp32 = the "
-                        "exported graphs; fp16/bf16/int8/mixed need `cheers-deploy calibrate` first (default fp16)")
+                        "exported graphs; fp16/bf16/int8/mixed need `cheers-deploy calibrate` first (fp16: "
+                        "`cheers-deploy calibrate convert --workdir W --precision fp16`). Default: fp16 if the workdir "
+                        "has fp16 graphs, else fp32 with a note (fp16 is recommended, on Jetson above all)")
     p.add_argument("--plugin-lib", metavar="PATH", default=None,
                    help="gated-residual plugin library (libcheers_plugins.so); default: $CHEERS_TRT_PLUGIN or the "
                         "CMake build folder; without one the hi gate is built from plain TensorRT layers. Its sha256 "

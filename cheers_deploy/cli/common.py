@@ -202,15 +202,22 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="with --backend trt: the gated-residual plugin library to load (only this, $CHEERS_TRT_PLUGIN "
                         "or the package's own build is ever loaded, and only when its sha256 matches the one recorded "
                         "when the engines were built; docs/security.md)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="torch on CUDA: capture the fixed-shape stages (vision tokenizer, image step, one-token "
+                        "decode, CFM head) as CUDA graphs once and replay them (docs/performance.md)")
+    g.add_argument("--compile", default=None, metavar="MODE", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch: torch.compile the same stages with this mode (default, reduce-overhead or "
+                        "max-autotune; the first run of each shape compiles, TORCHINDUCTOR_CACHE_DIR keeps the "
+                        "kernels for the next process)")
     add_threads_arg(g)
     add_seed_arg(p)
 
 
 def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str = "cpu",
-                        dtype: str = "float32"):
+                        dtype: str = "float32", torch_fast: bool = False):
     """The bundled model's exported graphs folder when a run should use it (no --checkpoint / --workdir and
     nothing asks for torch), else None."""
-    if checkpoint is not None or workdir is not None or backend == "torch":
+    if checkpoint is not None or workdir is not None or backend == "torch" or torch_fast:
         return None
     if str(device) != "cpu" or dtype != "float32":          # torch-only options: the torch path
         return None
@@ -220,15 +227,22 @@ def uses_bundled_graphs(checkpoint=None, workdir=None, backend=None, device: str
 
 
 def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cpu", dtype: str = "float32",
-                  precision=None, providers=None, threads=None, revision=None, plugin_lib=None):
+                  precision=None, providers=None, threads=None, revision=None, plugin_lib=None,
+                  cuda_graphs: bool = False, compile=None, timings: bool = True):
     """The pipeline a command line asks for. Without --checkpoint/--workdir: the bundled model, from its shipped
-    graphs on onnxruntime when the package has them (torch-free), else from its checkpoint on torch."""
+    graphs on onnxruntime when the package has them (torch-free), else from its checkpoint on torch.
+    cuda_graphs / compile: the torch backend's fast path (they select torch); timings: synchronise around each
+    stage to time it."""
     from ..runtime.pipeline import Pipeline
 
     check_threads(threads)
     if revision is not None and (workdir is not None or checkpoint is None):
         raise InputError("--revision pins a Hugging Face Hub model: use it with --checkpoint OWNER/NAME")
-    bundled = uses_bundled_graphs(checkpoint, workdir, backend, device, dtype)
+    fast = bool(cuda_graphs) or compile is not None
+    if fast and (workdir is not None or backend not in (None, "torch")):
+        raise InputError("--cuda-graphs and --compile are torch backend options (a checkpoint, not --workdir); "
+                         "the trt backend replays CUDA graphs of its own")
+    bundled = uses_bundled_graphs(checkpoint, workdir, backend, device, dtype, fast)
     if bundled is not None:
         workdir = bundled
     if workdir is not None:
@@ -248,13 +262,23 @@ def open_pipeline(checkpoint=None, workdir=None, backend=None, device: str = "cp
         raise InputError("--plugin-lib is for TensorRT engines: use it with --workdir and --backend trt")
     if backend not in (None, "torch"):
         raise InputError(f"--backend {backend} needs --workdir (export the checkpoint first)")
+    kw = dict(cuda_graphs=True) if cuda_graphs else {}
+    if compile is not None:
+        kw["compile"] = compile
+    if not timings:
+        kw["timings"] = False
     return Pipeline.from_pretrained(checkpoint, backend="torch", device=device, dtype=dtype, threads=threads,
-                                    revision=revision)
+                                    revision=revision, **kw)
 
 
 def load_pipeline(args):
+    cuda_graphs, compile = getattr(args, "cuda_graphs", False), getattr(args, "compile", None)
+    fast = bool(cuda_graphs) or compile is not None
+    # the fast path syncs the device only where --timings asks for stage times
     return open_pipeline(args.checkpoint, args.workdir, args.backend, args.device, args.dtype, args.precision,
-                         args.providers, args.threads, args.revision, getattr(args, "plugin_lib", None))
+                         args.providers, args.threads, args.revision, getattr(args, "plugin_lib", None),
+                         cuda_graphs=cuda_graphs, compile=compile,
+                         timings=not fast or bool(getattr(args, "timings", False)))
 
 
 def is_bundled(args) -> bool:

@@ -107,9 +107,11 @@ class CheersModel(nn.Module):
         feats = m.vision_representation.forward_embeddings(embeds)              # (B,4M,Dv)
         return m.und_projector(feats), embeds
 
-    def backbone(self, inputs_embeds, position_ids, mask=None, past=None):
-        """Qwen2 over embeddings -> (final-normed hidden (B,S,Dt), new KV per layer)."""
-        return self.model.language_model(inputs_embeds, position_ids, mask, past)
+    def backbone(self, inputs_embeds, position_ids, mask=None, past=None, static=None):
+        """Qwen2 over embeddings -> (final-normed hidden (B,S,Dt), new KV per layer). past: per layer (k, v) of the
+        earlier positions (concatenated with the new ones); static: a qwen2.StaticKV, the caller's preallocated
+        cache written in place and attended directly (qwen2.py)."""
+        return self.model.language_model(inputs_embeds, position_ids, mask, past, static)
 
     def logits(self, hidden):
         return hidden @ self.model.language_model.embed_tokens.weight.t()

@@ -14,12 +14,15 @@ from ..vocabulary import Vocabulary
 
 def load_checkpoint_pipeline(cls, checkpoint=None, device: str = "cpu", dtype: str = "float32",
                              threads: Optional[int] = None, revision: Optional[str] = None,
-                             observers: Sequence = (), timings: bool = True):
+                             observers: Sequence = (), timings: bool = True, cuda_graphs: bool = False,
+                             compile: Optional[str] = None):
     from ..errors import require_torch
 
     torch = require_torch()
     from ..model import CheersModel
-    from .torch_backend import TorchBackend
+    from .torch_backend import TorchBackend, check_fast_path
+
+    check_fast_path(device, None, cuda_graphs, compile)        # refused before the weights are read
 
     ckpt = resolve_checkpoint(checkpoint, revision=revision)
     cfg = load_config(ckpt)
@@ -31,6 +34,7 @@ def load_checkpoint_pipeline(cls, checkpoint=None, device: str = "cpu", dtype: s
     model = model.to_empty(device="cpu")
     model.tie_weights()
     load_state_into(model, ckpt)
-    backend = TorchBackend(model, device=device, dtype=dtype, threads=threads)
+    backend = TorchBackend(model, device=device, dtype=dtype, threads=threads, cuda_graphs=cuda_graphs,
+                           compile=compile)
     return cls(backend, proc.tokenizer, proc, cfg, generation=generation, observers=observers, timings=timings,
                vocabulary=vocabulary)

@@ -179,18 +179,21 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, checkpoint=None, backend: str = "torch", device: str = "cpu", dtype: str = "float32",
                         threads: Optional[int] = None, revision: Optional[str] = None,
-                        observers: Sequence[PipelineObserver] = (), timings: bool = True) -> "Pipeline":
+                        observers: Sequence[PipelineObserver] = (), timings: bool = True, cuda_graphs: bool = False,
+                        compile: Optional[str] = None) -> "Pipeline":
         """A checkpoint in the official layout run by the torch reference backend: a local folder, a Hugging Face
         repository id such as 'ai9stars/Cheers' (through the hub cache; HF_HUB_OFFLINE honoured; `revision` pins a
         commit), or the bundled tiny-shapes model when None. threads: CPU intra-op threads (default: the
-        physical cores available to this process)."""
+        physical cores available to this process). cuda_graphs, compile: the torch backend's GPU fast path
+        (TorchBackend; both need timings=False to avoid a device sync per stage)."""
         from .loaders import load_checkpoint_pipeline
 
         if backend != "torch":
             raise InputError(f"a checkpoint runs on the torch backend; for '{backend}' export it first "
                              f"(cheers-deploy export) and use Pipeline.from_workdir")
         return load_checkpoint_pipeline(cls, checkpoint, device=device, dtype=dtype, threads=threads,
-                                        revision=revision, observers=observers, timings=timings)
+                                        revision=revision, observers=observers, timings=timings,
+                                        cuda_graphs=cuda_graphs, compile=compile)
 
     @classmethod
     def from_workdir(cls, workdir, backend: str = "ort", threads: Optional[int] = None,

@@ -26,7 +26,10 @@ Design choices (docs/tensorrt.md):
 * CUDA graphs: each stage call whose bindings (shapes, addresses, KV write position) repeat is captured on its
   second occurrence and replayed afterwards (image steps, cfm_head and the vision tokenizer inside the Euler
   loop). Host copies stay outside the graph. A change of shapes or addresses invalidates the graph; a stage whose
-  capture fails runs uncaptured from then on.
+  capture fails runs uncaptured from then on, after the stale CUDA "last error" of the failed capture is cleared
+  (device_memory.clear_last_errors, as trtexec does).
+* Plans are deserialized from a read-only memory map of the file (compat.deserialize_engine): no host copy of the
+  plan coexists with the engine.
 
 One file (over 400 lines): loading, buffer sizing, binding, CUDA-graph capture and the stages act on the same
 engines, contexts and buffers; the device memory and the engine layout live in trt/.
@@ -147,7 +150,7 @@ class TrtBackend(GraphBackend):
         self.engines: Dict[str, _Engine] = {}
         for g in graphs:
             path = plans[g]
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = compat.deserialize_engine(runtime, path)      # from a memory map: no host copy of the plan
             if engine is None:
                 raise CheckpointError(f"TensorRT could not deserialize {path} (see the TensorRT log; built by another "
                                       f"TensorRT version, or a plugin is missing?): rebuild with --force")
@@ -318,12 +321,18 @@ class TrtBackend(GraphBackend):
         if st["seen"] < CAPTURE_AFTER:
             run()
             return
+        cap = None
         try:
             with self.stream.capture() as cap:
                 run()
         except Exception as exc:  # noqa: BLE001 - some engines cannot be captured: run them plainly
             st["disabled"] = True
-            log.warning("CUDA graph capture of %s (%s) failed (%s); running it uncaptured", graph, mode, exc)
+            # the stale "last error" of the failed capture must not fail the retry (the plugin's launcher reports
+            # cudaGetLastError()): capture() cleared it; a capture that never began did not, so clear it here
+            cleared = cap.cleared if cap is not None and cap.cleared is not None else dm.clear_last_errors()
+            stale = {k: v for k, v in cleared.items() if v}
+            log.warning("CUDA graph capture of %s (%s) failed (%s); running it uncaptured%s", graph, mode, exc,
+                        f" (cleared stale CUDA errors {stale})" if stale else "")
             run()
             return
         st["graph"] = cap.graph

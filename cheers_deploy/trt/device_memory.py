@@ -114,27 +114,64 @@ class CudaStream:
     @contextlib.contextmanager
     def capture(self):
         """``with stream.capture() as cap: <enqueue work>``; afterwards ``cap.graph`` is an instantiated CudaGraph.
-        Capture always ends (also on errors), so the stream is usable afterwards."""
+        Capture always ends (also on errors), so the stream is usable afterwards. After a failed capture the
+        per-thread "last error" of every reachable CUDA runtime is cleared, as trtexec does
+        (``clear_last_errors``; what it held is in ``cap.cleared``), so that an uncaptured retry does not fail on
+        the stale error."""
         r = rt()
         mode = r.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         check(r.cudaStreamBeginCapture(self.handle, mode), "cudaStreamBeginCapture")
         cap = _Capture()
-        ended = False
+        ended = ok = False
         try:
             yield cap
             graph = check(r.cudaStreamEndCapture(self.handle), "cudaStreamEndCapture")
             ended = True
             cap.graph = CudaGraph(graph)
+            ok = True
         finally:
             if not ended:
                 with contextlib.suppress(Exception):
                     res = r.cudaStreamEndCapture(self.handle)
                     if isinstance(res, tuple) and len(res) > 1 and res[1] is not None:
                         r.cudaGraphDestroy(res[1])
+            if not ok:
+                cap.cleared = clear_last_errors()
+
+
+def clear_last_errors() -> Dict[str, int]:
+    """Read and reset the calling thread's "last error" of every CUDA runtime this process can reach: cuda-python's
+    (``cudaGetLastError``; cuda-python links the CUDA runtime statically, so this is its own state) and every shared
+    ``libcudart.so.N`` already loaded (the one the gated-residual plugin links, whose kernel launcher reports
+    ``cudaGetLastError()``), through ctypes without loading anything. A runtime linked statically into another
+    library (TensorRT's own, if it has one) cannot be reached; sticky errors (a device fault) cannot be cleared by
+    anyone. Returns {runtime: the error code it held (0 = none)}."""
+    out: Dict[str, int] = {}
+    r = rt()
+    fn = getattr(r, "cudaGetLastError", None)
+    if fn is not None:
+        with contextlib.suppress(Exception):
+            res = fn()
+            out["cuda-python"] = compat._err_code(res[0] if isinstance(res, tuple) else res)
+    for name, lib in _process_runtimes():
+        with contextlib.suppress(Exception):
+            f = lib.cudaGetLastError
+            with contextlib.suppress(AttributeError, TypeError):
+                f.restype, f.argtypes = ctypes.c_int, ()
+            out[name] = int(f())
+    return out
+
+
+def _process_runtimes():
+    """The shared CUDA runtimes in the process: the override's (``process_runtimes()``, tests) or the real ones."""
+    if _runtime is not None:
+        return list(getattr(_runtime, "process_runtimes", lambda: [])())
+    return compat.loaded_cudart_libraries()
 
 
 class _Capture:
     graph: Optional["CudaGraph"] = None
+    cleared: Optional[Dict[str, int]] = None       # set after a failed capture: what clear_last_errors() reset
 
 
 class CudaGraph:

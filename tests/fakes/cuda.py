@@ -5,6 +5,12 @@ on every machine. Like CUDA, a capture that is not in relaxed mode forbids captu
 cudaFree, synchronous copies, synchronising the capturing stream): they fail with
 cudaErrorStreamCaptureUnsupported and invalidate the capture (cudaStreamEndCapture then fails with
 cudaErrorStreamCaptureInvalidated).
+
+Like CUDA, every failing call also records its error as the runtime's "last error", which stays until
+cudaGetLastError() reads it (cudaPeekAtLastError() reads without resetting). Two runtimes with separate last errors,
+as in a real process: FakeCudart itself is cuda-python's (which links the CUDA runtime statically), and
+`FakeCudart.libcudart` (a `FakeLibcudart`, what `process_runtimes()` returns) is the shared libcudart.so that TensorRT
+plugins call through ctypes-like functions returning plain ints.
 Used by tests/test_device_memory.py and tests/test_trt.py."""
 import ctypes
 import enum
@@ -53,6 +59,26 @@ class _Props:
         self.name, self.major, self.minor, self.totalGlobalMem, self.integrated = name, major, minor, mem, 1
 
 
+class FakeLibcudart:
+    """The shared libcudart.so.N of the process as ctypes sees it: functions return an int; own last error."""
+
+    soname = "libcudart.so.12"
+
+    def __init__(self):
+        self.last_error = 0
+
+    def record(self, err) -> int:
+        self.last_error = int(err)
+        return int(err)
+
+    def cudaGetLastError(self) -> int:
+        err, self.last_error = self.last_error, 0
+        return err
+
+    def cudaPeekAtLastError(self) -> int:
+        return self.last_error
+
+
 class FakeCudart:
     """cuda-python's cudart subset on host memory. Work enqueued on a capturing stream is recorded and replayed
     by cudaGraphLaunch; `enqueue(stream, fn)` lets fake engines join that protocol."""
@@ -70,6 +96,24 @@ class FakeCudart:
         self.invalidated = set()      # stream ids whose capture saw a capture-unsafe call
         self.name, self.cc = name, cc
         self.calls = {"malloc": 0, "memcpy2d": 0, "graph_launch": 0, "instantiate": 0, "unsafe_in_capture": 0}
+        self.last_error = 0           # cuda-python's own runtime state
+        self.libcudart = FakeLibcudart()
+
+    def _fail(self, err):
+        """Return `err` the way CUDA does: also recorded as the last error."""
+        self.last_error = int(err)
+        return err
+
+    def process_runtimes(self):
+        """The shared CUDA runtimes loaded in this 'process' (device_memory.clear_last_errors resets them)."""
+        return [(self.libcudart.soname, self.libcudart)]
+
+    def cudaGetLastError(self):
+        err, self.last_error = self.last_error, 0
+        return (_Err(err),)
+
+    def cudaPeekAtLastError(self):
+        return (_Err(self.last_error),)
 
     # -- helpers
     def enqueue(self, stream, fn):
@@ -127,24 +171,24 @@ class FakeCudart:
     # -- memory
     def cudaMalloc(self, n):
         if self._unsafe():
-            return _Err.cudaErrorStreamCaptureUnsupported, None
+            return self._fail(_Err.cudaErrorStreamCaptureUnsupported), None
         self.calls["malloc"] += 1
         return 0, self._alloc(self.mem, n)
 
     def cudaFree(self, p):
         if self._unsafe():
-            return (_Err.cudaErrorStreamCaptureUnsupported,)
+            return (self._fail(_Err.cudaErrorStreamCaptureUnsupported),)
         self.mem.pop(int(p), None)
         return (0,)
 
     def cudaMallocHost(self, n):
         if self._unsafe():
-            return _Err.cudaErrorStreamCaptureUnsupported, None
+            return self._fail(_Err.cudaErrorStreamCaptureUnsupported), None
         return 0, self._alloc(self.host, n)
 
     def cudaFreeHost(self, p):
         if self._unsafe():
-            return (_Err.cudaErrorStreamCaptureUnsupported,)
+            return (self._fail(_Err.cudaErrorStreamCaptureUnsupported),)
         self.host.pop(int(p), None)
         return (0,)
 
@@ -157,7 +201,7 @@ class FakeCudart:
 
     def cudaMemcpy(self, dst, src, n, kind):
         if self._unsafe():                                      # synchronous: not capturable
-            return (_Err.cudaErrorStreamCaptureUnsupported,)
+            return (self._fail(_Err.cudaErrorStreamCaptureUnsupported),)
         self._copy(int(dst), int(src), int(n), kind)
         return (0,)
 
@@ -193,7 +237,7 @@ class FakeCudart:
     def cudaStreamSynchronize(self, s):
         if int(s) in self.capturing:
             self.invalidated.add(int(s))
-            return (_Err.cudaErrorStreamCaptureUnsupported,)
+            return (self._fail(_Err.cudaErrorStreamCaptureUnsupported),)
         return (0,)
 
     def cudaStreamDestroy(self, s):
@@ -201,19 +245,19 @@ class FakeCudart:
 
     def cudaStreamBeginCapture(self, s, mode):
         if int(s) in self.capturing:                            # already capturing
-            return (_Err.cudaErrorIllegalState,)
+            return (self._fail(_Err.cudaErrorIllegalState),)
         self.capturing[int(s)] = []
         self.capture_mode[int(s)] = _Mode(int(mode))
         return (0,)
 
     def cudaStreamEndCapture(self, s):
         if int(s) not in self.capturing:
-            return _Err.cudaErrorIllegalState, None
+            return self._fail(_Err.cudaErrorIllegalState), None
         ops = self.capturing.pop(int(s))
         self.capture_mode.pop(int(s), None)
         if int(s) in self.invalidated:
             self.invalidated.discard(int(s))
-            return _Err.cudaErrorStreamCaptureInvalidated, None
+            return self._fail(_Err.cudaErrorStreamCaptureInvalidated), None
         return 0, list(ops)
 
     def cudaGraphInstantiate(self, graph, flags):

@@ -3,8 +3,10 @@ registry) and Polygraphy's TensorRT backend (`polygraphy.backend.trt`), so the b
 TensorRT backend run end to end on every machine. Used by tests/test_trt.py.
 
 * `FakeTrt` has the TensorRT 10 Python API that cheers_deploy uses, with the real names, argument orders and
-  return conventions: name-based I/O (`get_tensor_name/mode/dtype/shape`, `get_tensor_profile_shape(name,
-  profile_index)`), `create_execution_context(strategy)`, `set_device_memory(ptr, size)`,
+  return conventions (checked against NVIDIA's bindings 10.3.0, 10.13.3.9 and 11.4.0.106 by
+  tests/test_trt_real_api.py: names, kinds, parameter names, enum values): name-based I/O
+  (`get_tensor_name/mode/dtype/shape`, `get_tensor_profile_shape(name, profile_index)`),
+  `create_execution_context(strategy)`, `set_device_memory(ptr, size)`,
   `set_optimization_profile_async(index, stream)` (returns True or raises RuntimeError, as the bindings do),
   `set_input_shape` / `set_tensor_address` (return False on a bad value), `execute_async_v3(stream)` (returns
   False when the context is not ready), `Runtime.deserialize_cuda_engine` (None for a plan it cannot read).
@@ -249,6 +251,19 @@ class FakeContext:
         if not self._ready():                            # TensorRT logs the error and returns False
             return False
         e, cud = self.engine, FakeTrt.cudart
+        lib, sid = cud.libcudart, int(stream_handle)
+        if e.name in FakeTrt.capture_unsafe and sid in cud.capturing and int(cud.capture_mode[sid]) != 2:
+            # an engine that makes a capture-unsafe call (through the process's libcudart): CUDA invalidates the
+            # capture and records the error there; TensorRT returns False ("the enqueue call may return false if the
+            # current CUDA graph capture fails", trtexec)
+            cud.invalidated.add(sid)
+            cud.calls["unsafe_in_capture"] += 1
+            lib.record(900)                              # cudaErrorStreamCaptureUnsupported
+            return False
+        if e.fused and lib.cudaPeekAtLastError():
+            # a plugin whose kernel launcher returns cudaGetLastError() without clearing it first (what the
+            # gated-residual launcher did before it cleared stale errors) fails on a stale error: TensorRT returns False
+            return False
         shapes = {n: tuple(self.get_tensor_shape(n)) for n, _, _ in e.io}
         addr = dict(self.addr)
 
@@ -280,7 +295,9 @@ class _Runtime:
         self.logger = logger
 
     def deserialize_cuda_engine(self, serialized_engine):
-        """An engine, or None (TensorRT logs why) for a plan it cannot read or whose plugin is not registered."""
+        """An engine, or None (TensorRT logs why) for a plan it cannot read or whose plugin is not registered.
+        Takes any buffer, as the bindings do (`serialized_engine: buffer`); records the buffer's type."""
+        FakeTrt.deserialized.append(type(serialized_engine).__name__)
         try:
             plan = json.loads(bytes(serialized_engine).decode())
             if not isinstance(plan, dict) or "onnx" not in plan:
@@ -389,8 +406,8 @@ class _PluginRegistry:
             _Creator(C.PLUGIN_NAME, C.PLUGIN_VERSION, C.PLUGIN_NAMESPACE)
         return ("handle", plugin_path)
 
-    def get_creator(self, name: str, version: str, plugin_namespace: str = ""):
-        return self.creators.get((name, version, plugin_namespace))
+    def get_creator(self, type: str, version: str, plugin_namespace: str = ""):  # noqa: A002 - the bindings' name
+        return self.creators.get((type, version, plugin_namespace))
 
     get_plugin_creator = get_creator
 
@@ -412,6 +429,8 @@ class FakeTrt:
     cudart = None
     executions = 0                        # execute_async_v3 calls
     ran = []                              # (graph, profile index) of every execution that ran on the stream
+    capture_unsafe = set()                # engine names whose enqueue fails a CUDA-graph capture
+    deserialized = []                     # type names of what Runtime.deserialize_cuda_engine was given
     _registry = _PluginRegistry()
 
     DataType = DataType
@@ -427,6 +446,7 @@ class FakeTrt:
     @classmethod
     def reset(cls, cudart):
         cls.cudart, cls.executions, cls.ran = cudart, 0, []
+        cls.capture_unsafe, cls.deserialized = set(), []
         cls._registry = _PluginRegistry()
 
     @staticmethod
@@ -512,12 +532,21 @@ def identity() -> dict:
     return {"tensorrt": FAKE_TRT_VERSION, "gpu": FAKE_GPU, "compute_capability": f"{FAKE_CC[0]}.{FAKE_CC[1]}"}
 
 
+FAKE_TRT_CUDA_MAJOR = 12
+
+
 class Installed:
     """What `install` put in place: `cudart` (the FakeCudart), `loaded` plugin libraries, `new_process`,
-    `uninstall`."""
+    `uninstall`; `plugin_elf` is what the (non-ELF) fake plugin libraries 'link' and export (a test may change it),
+    `findable` the shared libraries the fake dynamic loader finds."""
 
     def __init__(self, cudart, previous_runtime):
+        from cheers_deploy.trt.compat import ElfDynamic
+
         self.cudart, self._previous = cudart, previous_runtime
+        self.plugin_elf = ElfDynamic(needed=[f"libcudart.so.{FAKE_TRT_CUDA_MAJOR}", "libstdc++.so.6", "libc.so.6"],
+                                     exports=frozenset({"getCreators", "setLoggerFinder"}))
+        self.findable = {f"libcudart.so.{FAKE_TRT_CUDA_MAJOR}", "libcudart.so.13"}
 
     @property
     def loaded(self):
@@ -549,13 +578,20 @@ def install(monkeypatch) -> Installed:
     prev = dm.use_runtime(cud)
     FakeTrt.reset(cud)
     FakePolygraphy.reset()
+    inst = Installed(cud, prev)
     for mod in (compat, trt_plugin):
         monkeypatch.setattr(mod, "import_tensorrt", lambda: FakeTrt)
     monkeypatch.setattr(compat, "import_polygraphy_trt", lambda: FakePolygraphy)
     monkeypatch.setattr(compat, "import_cudart", lambda: cud)
     monkeypatch.setattr(compat, "trt_logger", lambda: FakeTrt.Logger())
     monkeypatch.setattr(compat, "is_jetson", lambda: False)
-    # the fake library file is no ELF: pretend it exports getCreators, so it goes through the registry
+    # the fake library file is no ELF: pretend it exports getCreators, so it goes through the registry, and links the
+    # CUDA runtime of the fake TensorRT, which the fake dynamic loader finds
     monkeypatch.setattr(trt_plugin, "_exports", lambda path, symbol: symbol == "getCreators")
+    monkeypatch.setattr(compat, "read_elf_dynamic", lambda path: inst.plugin_elf)
+    monkeypatch.setattr(compat, "tensorrt_cuda_major",
+                        lambda trt=None: (FAKE_TRT_CUDA_MAJOR, f"fake TensorRT for CUDA {FAKE_TRT_CUDA_MAJOR}"))
+    monkeypatch.setattr(compat, "find_shared_library",
+                        lambda name, dirs=(): f"/fake/{name}" if name in inst.findable else None)
     monkeypatch.setattr(trt_plugin, "_LOADED", {})
-    return Installed(cud, prev)
+    return inst

@@ -1,6 +1,7 @@
 // TensorRT IPluginV3 wrapper of the fused hi-gate kernel (see GatedResidualPlugin.h) and the plugin-library entry
-// points: getCreators / getPluginCreators / setLoggerFinder (IPluginRegistry::loadLibrary, Python
-// trt.get_plugin_registry().load_library(), trtexec --dynamicPlugins, engines with setPluginsToSerialize) or, when
+// points: getCreators / setLoggerFinder, the two that NVIDIA's own V3 plugin libraries export
+// (IPluginRegistry::loadLibrary, Python trt.get_plugin_registry().load_library(), trtexec --dynamicPlugins, engines
+// with setPluginsToSerialize) or, when
 // compiled with CHEERS_PLUGIN_STATIC_REGISTRATION=1, REGISTER_TENSORRT_PLUGIN (registration at dlopen time: Polygraphy
 // --plugins and anything else that only ctypes.CDLL()s the library, trtexec --staticPlugins). The two mechanisms are
 // never compiled into the same library: TensorRT rejects a library whose creator is already registered
@@ -463,13 +464,10 @@ nvinfer1::IPluginCreatorInterface* const* creatorList(int32_t& nbCreators) noexc
 }
 } // namespace
 
+// The only creator entry point. No getPluginCreators: that (deprecated) name hands out IPluginCreator (V2) pointers
+// to whoever calls it, and this library has V3 creators only (NVIDIA's V3 libraries export getCreators and
+// setLoggerFinder alone, plugin/exports/nvinfer_vc_plugin.map).
 extern "C" CHEERS_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
-{
-    return creatorList(nbCreators);
-}
-
-// Pre-10 entry-point name; TensorRT 10/11 only look it up when getCreators is missing (see trt_compat.h).
-extern "C" CHEERS_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getPluginCreators(int32_t& nbCreators)
 {
     return creatorList(nbCreators);
 }

@@ -118,6 +118,10 @@ int launchTyped(int vec, int vpt, Args const& a, cudaStream_t stream)
 {
     constexpr int kVecMax = 16 / static_cast<int>(sizeof(T));
     dim3 const grid(static_cast<unsigned>((a.rows + kRowsPerBlock - 1) / kRowsPerBlock));
+    // Drop a stale error left in this thread's runtime by an earlier call (e.g. a failed CUDA-graph capture): the
+    // call that caused it already returned it, and cudaGetLastError() below must report this launch only. A sticky
+    // error (device fault) is not cleared by this and makes the launch itself fail.
+    (void)cudaGetLastError();
     if (vec == kVecMax)
     {
         dispatchVpt<T, kVecMax>(vpt, a, grid, stream);

@@ -2,14 +2,16 @@
 //
 // Supported: TensorRT 10.x (JetPack 6.2 ships 10.3, JetPack 7 ships 10.13+, x86 10.x) and 11.x.
 //  * IPluginV3 / IPluginV3OneCore / OneBuild / OneRuntime / IPluginCreatorV3One, getCreators() and setLoggerFinder()
-//    exist from 10.0 on with the signatures used here (checked against the 10.0, 10.3, 10.16 and 11.1 C++ API
-//    references); TensorRT < 10 has no IPluginV3 -> hard error below.
+//    exist from 10.0 on with the signatures used here (compiled against NVIDIA's public headers at the v10.3.0,
+//    v10.13.3 and v11.1 tags of github.com/NVIDIA/TensorRT with -Wall -Wextra -Wsuggest-override, docs/STATUS.md);
+//    TensorRT < 10 has no IPluginV3 -> hard error below.
 //  * DataType::kBF16 exists from 9.0; Dims::d is int64_t from 10.0 (we only use it through int64_t arithmetic).
 //  * TensorRT 11 deprecates the V2 plugin interfaces and removes the IPluginRegistry overloads taking IPluginCreator;
 //    nothing here uses either: REGISTER_TENSORRT_PLUGIN with a V3 creator resolves to the
 //    registerCreator(IPluginCreatorInterface&, ...) overload that both 10 and 11 have.
-//  * getPluginCreators() (the pre-10 entry-point name) is only consulted by TensorRT when getCreators() is absent; it
-//    is exported with the 10.x/11.x element type (IPluginCreatorInterface*) for tools that probe the old name.
+//  * Entry points: getCreators() and setLoggerFinder() only, as NVIDIA's V3 plugin libraries (plugin/exports/
+//    nvinfer_vc_plugin.map at v11.1, plugin/exports-vfc_plugin.map at v10.3.0). getPluginCreators() is not exported:
+//    it is the deprecated name whose callers expect IPluginCreator (V2) pointers, and every creator here is V3.
 #pragma once
 
 #include <NvInferRuntime.h>

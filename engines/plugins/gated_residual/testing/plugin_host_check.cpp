@@ -132,7 +132,7 @@ double toDouble<__nv_bfloat16>(__nv_bfloat16 v)
 
 template <typename T>
 void gpuCase(IPluginV3* plugin, DataType dt, int64_t B, int64_t N, int64_t C, float eps, double tol,
-    char const* name)
+    char const* name, bool staleError = false)
 {
     int64_t const rows = B * N;
     std::mt19937 rng(1234 + static_cast<unsigned>(C));
@@ -179,6 +179,13 @@ void gpuCase(IPluginV3* plugin, DataType dt, int64_t B, int64_t N, int64_t C, fl
     void* outputs[1] = {dev[7]};
     cudaStream_t stream = nullptr;
     cudaStreamCreate(&stream);
+    if (staleError)
+    {
+        // a failed call earlier in this thread (as a failed CUDA-graph capture leaves one) must not fail the launch
+        void* huge = nullptr;
+        check(cudaMalloc(&huge, static_cast<size_t>(1) << 62) != cudaSuccess && cudaPeekAtLastError() != cudaSuccess,
+            std::string(name) + ": stale non-sticky error recorded before enqueue");
+    }
     int32_t const rc = rt->enqueue(in.data(), outDesc.data(), inputs, outputs, nullptr, stream);
     check(rc == 0, std::string(name) + ": enqueue returned " + std::to_string(rc));
     check(cudaStreamSynchronize(stream) == cudaSuccess, std::string(name) + ": stream sync");
@@ -423,6 +430,7 @@ int main()
         gpuCase<__half>(plugin.get(), DataType::kHALF, 1, 9, 64, 1e-5F, 2e-3, "f16");
         gpuCase<__nv_bfloat16>(plugin.get(), DataType::kBF16, 2, 1024, 1152, 1e-5F, 1e-2, "bf16");
         gpuCase<__nv_bfloat16>(plugin.get(), DataType::kBF16, 1, 5, 100, 1e-5F, 1e-2, "bf16");
+        gpuCase<float>(plugin.get(), DataType::kFLOAT, 1, 33, 72, 1e-5F, 1e-5, "f32 after a stale error", true);
     }
 
     std::printf("%d passed, %d failed\n", gPassed, gFailed);
