@@ -240,7 +240,7 @@ def test_inductor_compile_on_cpu_and_its_disk_cache(tmp_path):
             "p = Pipeline.from_pretrained(None, threads=2, timings=False);"
             "ref = p.generate('a red circle on the left', steps=3, seed=0);"
             "q = Pipeline(TorchBackend(p.backend.model, compile='default'), p.tokenizer, p.processor, p.config,"
-            " timings=False);"
+            " generation=p.generation, timings=False);"
             "out = q.generate('a red circle on the left', steps=3, seed=0);"
             "print(json.dumps({'warmup_s': q.backend.warmup_s, 'ids': out.token_ids == ref.token_ids,"
             " 'rel': float(np.abs(out.latent - ref.latent).max() / np.abs(ref.latent).max())}))")

@@ -99,7 +99,7 @@ def test_configs_parse_as_triton_model_configs(repo):
         assert cfg.parameters["workdir"].string_value == "workdir"
         assert cfg.parameters["backend"].string_value == "ort"
         assert len(cfg.model_warmup) == 1 and cfg.model_warmup[0].batch_size == 1
-        for key, inp in cfg.model_warmup[0].inputs.items():
+        for inp in cfg.model_warmup[0].inputs.values():
             if inp.input_data_file:
                 assert (repo / name / "warmup" / inp.input_data_file).is_file()
     assert gen.model_transaction_policy.decoupled is False
@@ -274,6 +274,10 @@ class FakeTensor:
     def as_numpy(self):
         return self._array
 
+    @classmethod
+    def from_dlpack(cls, name, other):
+        return cls(name, other.as_numpy())
+
 
 class FakeError(Exception):
     INVALID_ARG, INTERNAL = 3, 13
@@ -391,8 +395,10 @@ def test_chat_model_streams_the_pipeline_answer(repo, pipe, scene):
 
 def test_numpy_interop_check_refuses_a_broken_stub():
     class Broken(FakeTensor):
-        def as_numpy(self):                          # what the 2.51 stub does under numpy 2: every element the first
-            return np.full_like(self._array, self._array.reshape(-1)[0])
+        @classmethod                                 # what the 2.51 stub does under numpy 2: every element the first
+        def from_dlpack(cls, name, other):
+            a = other.as_numpy()
+            return FakeTensor(name, np.full_like(a, a.reshape(-1)[0]))
 
     class PB(FakePB):
         Tensor = Broken
@@ -585,24 +591,18 @@ def test_server_two_instances_sixteen_concurrent_requests(server, pipe, scene):
     start = threading.Barrier(len(jobs))
 
     def run(kind, i):
-        start.wait()
+        client = tg.InferenceServerClient(server.grpc_url) if kind == "gen" else Stream(server)
+        start.wait()                                  # connected: the 16 requests leave together
         try:
             if kind == "gen":
-                c = tg.InferenceServerClient(server.grpc_url)
-                try:
-                    results[i] = infer_generate(c, tg, PROMPT, seed=i).as_numpy("image")
-                finally:
-                    c.close()
+                results[i] = infer_generate(client, tg, PROMPT, seed=i).as_numpy("image")
             else:
-                st = Stream(server)
-                try:
-                    responses, err = st.chat(prompt=s(QUESTION), image=scene, seed=np.array([i], np.int64))
-                    results[i] = err if err is not None else "".join(r.as_numpy("text")[0].decode()
-                                                                      for r in responses)
-                finally:
-                    st.close()
+                responses, err = client.chat(prompt=s(QUESTION), image=scene, seed=np.array([i], np.int64))
+                results[i] = err if err is not None else "".join(r.as_numpy("text")[0].decode() for r in responses)
         except Exception as exc:  # noqa: BLE001 - reported below
             results[i] = exc
+        finally:
+            client.close()
 
     threads = [threading.Thread(target=run, args=job) for job in jobs]
     for t in threads:
@@ -628,6 +628,30 @@ def test_server_two_instances_sixteen_concurrent_requests(server, pipe, scene):
     cpu_after = server.stub_cpu_seconds(GENERATE_MODEL)
     used = {pid: cpu_after[pid] - cpu_before[GENERATE_MODEL][pid] for pid in cpu_before[GENERATE_MODEL]}
     assert all(u >= 0.05 for u in used.values()), used
+
+
+@pytest.mark.triton
+def test_server_refuses_a_numpy2_stub(triton_install, repo, tmp_path):
+    """The 2.51 stub misreads tensors under numpy 2 (silently: [1.5, -2.25, 3.0] arrives as [1.5, 1.5, 1.5]). A stub
+    that gets this environment's numpy 2 must refuse to load the models with the reason, not serve wrong answers."""
+    import dataclasses
+
+    import numpy
+
+    from cheers_deploy.triton.local import LocalTriton, cache_root, install_stub_env
+
+    if int(numpy.__version__.split(".")[0]) < 2:
+        pytest.skip("this environment has numpy 1.x")
+    inst = dataclasses.replace(triton_install, stub_env=install_stub_env(cache_root(), numpy=None))
+    srv = LocalTriton(repo, inst, tmp_path / "server.log")
+    try:
+        with pytest.raises(Exception, match="exited with code"):
+            srv.start(timeout=60)
+    finally:
+        srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    assert "NumpyInteropError" in log and "install numpy<2" in log
+    assert srv.group_pids() == []
 
 
 @pytest.mark.triton

@@ -10,9 +10,9 @@ cache written by position, and the GPU fast path as options (docs/performance.md
     split_batch   batch rows of the backbone and head run one at a time (the unbatched CFG of the official loop;
                   an ablation and memory knob)
 
-The backend never synchronises the device itself: results are left on the device except where the contract hands
-them to the host (logits, VAE pixels, to_numpy); host inputs go through pinned memory without a stream sync. Stage
-timings (Pipeline(timings=True)) are where syncs happen.
+The backend does not synchronise the device by itself: results stay on the device except where the contract hands
+them to the host (logits, VAE pixels, to_numpy), and host inputs go through pinned memory without a stream sync.
+Only a graph capture (once per shape) waits for the device; stage timings (Pipeline(timings=True)) sync per stage.
 """
 
 from __future__ import annotations
@@ -88,11 +88,11 @@ def check_fast_path(device: str, static_cache: Optional[bool], cuda_graphs: bool
     if compile is not None and compile not in COMPILE_MODES:
         raise InputError(f"compile must be None or one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if cuda_graphs and not str(device).startswith("cuda"):
-        raise InputError(f"cuda_graphs needs a CUDA device (device='cuda'); this backend runs on {device}: "
-                         f"leave cuda_graphs off (compile works on the CPU)")
-    if cuda_graphs and compile in GRAPHING_MODES:
-        raise InputError(f"compile={compile!r} records CUDA graphs itself: use it without cuda_graphs, or "
-                         f"cuda_graphs with compile='default'")
+        raise InputError(f"CUDA graphs (cuda_graphs / --cuda-graphs) need a CUDA device (--device cuda); this runs "
+                         f"on {device}: leave them off (compile works on the CPU)")
+    if cuda_graphs and compile == "reduce-overhead":
+        raise InputError(f"compile mode {compile!r} records CUDA graphs itself: use it without cuda_graphs "
+                         f"(--cuda-graphs), or cuda_graphs with compile 'default'")
     fast = bool(cuda_graphs) or compile is not None
     if static_cache is False and fast:
         raise InputError("cuda_graphs and compile need static_cache=True (fixed shapes across decode steps)")
@@ -132,6 +132,9 @@ class TorchBackend(Backend):
             raise InputError("cuda_graphs: torch sees no CUDA device (torch.cuda.is_available() is False)")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.cfg = model.config
+        from ..model.qwen2 import StaticKV
+
+        self._static_kv = StaticKV
         self.cuda_graphs, self.compile_mode, self.split_batch = bool(cuda_graphs), compile, bool(split_batch)
         self._compile_backend = _compile_backend
         self.warmup_s = 0.0                       # seconds spent capturing graphs and compiling (first calls)
@@ -141,6 +144,11 @@ class TorchBackend(Backend):
         self._compiled: Dict[str, object] = {}
         self._seen = set()                        # (stage, key) already run once (compile warm-up accounting)
         self._free_caches: list = []             # (weakref to a cache, (batch, max_len), k, v), newest first
+        if compile is not None and self.device.type == "cuda":
+            from ..model import fused_gate
+
+            if fused_gate.triton_available():       # the hi gate's kernel defined before any tracing: dynamo then
+                fused_gate.gate_kernel()             # sees a plain Triton launch when fused_gate is on
         mods = list(self.model.modules())
         self._opt_mods = ([m for m in mods if hasattr(m, "attn_impl")], [m for m in mods if hasattr(m, "rope_cache")],
                           [m for m in mods if hasattr(m, "set_fused")])
@@ -207,6 +215,8 @@ class TorchBackend(Backend):
             else:
                 out = fn(*tensors, *extra)
             if first:
+                if len(self._seen) > 4096:                    # bounded in a long-running service
+                    self._seen.clear()
                 self._seen.add(full)
                 self.warmup_s += time.perf_counter() - t0
             return out
@@ -292,20 +302,18 @@ class TorchBackend(Backend):
         cache = TorchCache(k, v)
         if fast:
             if self.compile_mode in GRAPHING_MODES and self.device.type == "cuda":
-                for x in k + v:                              # mutated inputs of inductor's CUDA graphs
-                    self.torch._dynamo.mark_static_address(x)
+                for x in k + v:              # mutated inputs of inductor's CUDA graphs; no identity guard, so a
+                    self.torch._dynamo.mark_static_address(x, guard=False)    # new cache does not recompile
             self._free_caches.insert(0, (weakref.ref(cache), (batch, max_len), k, v))
             del self._free_caches[MAX_POOLED_CACHES:]
         return cache
 
     # the static-cache LM calls (model/qwen2.py StaticKV); cache buffers are passed whole, rows r0:r1 sliced inside
     def _lm_static(self, embeds, ks, vs, slots, mask, kv_len, r0, r1):
-        from ..model.qwen2 import StaticKV
-
         b, s = embeds.shape[:2]
         ks, vs = [k[r0:r1] for k in ks], [v[r0:r1] for v in vs]
-        hidden, _ = self.model.backbone(embeds, slots[None].expand(b, s), mask, static=StaticKV(ks, vs, slots, kv_len))
-        return hidden
+        static = self._static_kv(ks, vs, slots, kv_len)
+        return self.model.backbone(embeds, slots[None].expand(b, s), mask, static=static)[0]
 
     def _image_fn(self, embeds, ks, vs, start, r0, r1):
         s = embeds.shape[1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import queue
 import shlex
 import sys
@@ -112,8 +113,8 @@ class Client:
         return x
 
     def generate(self, prompt: str, seed: int) -> np.ndarray:
-        r = self.client.infer("cheers_generate", [self._input("prompt", np.array([prompt.encode()], np.object_), "BYTES"),
-                                                  self._input("seed", np.array([seed], np.int64), "INT64")])
+        prompt_in = self._input("prompt", np.array([prompt.encode()], np.object_), "BYTES")
+        r = self.client.infer("cheers_generate", [prompt_in, self._input("seed", np.array([seed], np.int64), "INT64")])
         return r.as_numpy("image")
 
     def chat(self, text: str, seed: int, image: Optional[np.ndarray] = None, timeout: float = 300) -> List[str]:
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     counts = [int(x) for x in a.instances.split(",") if x.strip()]
+    machine = machine_info()
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     workdir = Path(a.workdir) if a.workdir else bundled_workdir()
     ensure_client()
     inst = install()
@@ -233,15 +236,20 @@ def main(argv=None) -> int:
                     srv.stop()
                 failed, wrong = check(items, results)
                 rows[f"triton x{n}"].append((stats, failed, wrong))
+    machine["loadavg_end"] = list(os.getloadavg())
     print(f"{a.requests} requests (chat, vqa, generate in turn), {a.concurrency} clients, {a.rounds} round(s); "
-          f"median round per configuration")
+          f"median round per configuration; load average {machine.get('loadavg_start')} -> "
+          f"{[round(x, 2) for x in machine['loadavg_end']]}")
     print(f"{'configuration':<14} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'failed':>7} {'wrong':>6}")
     out = {}
     bad = 0
     for name, rs in rows.items():
         st, failed, wrong = sorted(rs, key=lambda x: x[0].rps)[len(rs) // 2]
         bad += len(failed) + len(wrong)
-        print(f"{name:<14} {st.rps:7.2f} {st.pct(50):7.3f} {st.pct(99):7.3f} {len(failed):7d} {len(wrong):6d}")
+        rounds = ", ".join(f"{x[0].rps:.2f}" for x in rs)
+        server = "   " + json.dumps(extra[name]) if name in extra else ""
+        print(f"{name:<14} {st.rps:7.2f} {st.pct(50):7.3f} {st.pct(99):7.3f} {len(failed):7d} {len(wrong):6d}"
+              f"   rounds req/s: {rounds}{server}")
         for line in (failed + wrong)[:5]:
             print(f"    {line}")
         out[name] = {"requests_per_s": round(st.rps, 3), "p50_s": round(st.pct(50), 4), "p99_s": round(st.pct(99), 4),
@@ -250,9 +258,9 @@ def main(argv=None) -> int:
     if a.json:
         from ..fileio import write_json
 
-        write_json(a.json, {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        write_json(a.json, {"date": started,
                             "command": "python -m cheers_deploy.triton.loadtest " + shlex.join(argv or sys.argv[1:]),
-                            "machine": machine_info(), "libraries": library_versions(), "results": out})
+                            "machine": machine, "libraries": library_versions(), "results": out})
     return 1 if bad else 0
 
 

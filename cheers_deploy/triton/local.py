@@ -67,13 +67,14 @@ def cache_root() -> Path:
 def _pip(args: Sequence[str], what: str, timeout: float = 900) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise TritonUnavailable(f"{what}: pip did not finish in {timeout:.0f} s") from None
     if proc.returncode != 0:
         tail = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()
                 and not ln.startswith("WARNING: Location")][-3:]
-        raise TritonUnavailable(f"{what}: pip failed ({' | '.join(tail) or 'no output'})")
+        raise TritonUnavailable(f"{what}: pip failed ({' | '.join(tail) or 'no output'}); it needs the package index "
+                                f"once, then the cache ({cache_root()}) is used")
 
 
 def _versions(names: Sequence[str]) -> Dict[str, Optional[str]]:
@@ -94,9 +95,12 @@ def ensure_client() -> str:
     its version."""
     import importlib
 
+    def load():
+        for m in ("tritonclient.grpc", "tritonclient.http"):
+            importlib.import_module(m)
+
     try:
-        import tritonclient.grpc  # noqa: F401
-        import tritonclient.http  # noqa: F401
+        load()
     except ImportError:
         before = _versions(GUARDED)
         _pip(list(CLIENT_DEPS), "installing tritonclient's dependencies")
@@ -106,8 +110,7 @@ def ensure_client() -> str:
         if changed:
             raise TritonUnavailable(f"installing tritonclient changed {changed}; restore them")
         importlib.invalidate_caches()
-        import tritonclient.grpc  # noqa: F401,F811
-        import tritonclient.http  # noqa: F401,F811
+        load()
     return _versions(["tritonclient"])["tritonclient"] or "?"
 
 
@@ -193,10 +196,12 @@ def _this_environment() -> List[str]:
     return paths
 
 
-def _install_stub_env(root: Path) -> Path:
+def install_stub_env(root: Path, numpy: Optional[str] = STUB_NUMPY) -> Path:
+    """The stub venv (see the module docstring). numpy None: no numpy of its own, so the stub gets this
+    environment's (the tests use that to check that a numpy-2 stub is refused with a clear message)."""
     paths = _this_environment()
     ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    key = hashlib.sha256("\n".join([sys.prefix, sys.base_prefix] + paths).encode()).hexdigest()[:10]
+    key = hashlib.sha256("\n".join([sys.prefix, sys.base_prefix, str(numpy)] + paths).encode()).hexdigest()[:10]
     env = root / f"stub-py{ver}-{key}"
     site = env / "lib" / f"python{ver}" / "site-packages"
     pth = site / "zz-cheers-deploy-environment.pth"
@@ -207,13 +212,15 @@ def _install_stub_env(root: Path) -> Path:
         # the venv's own paths are absolute: build it at its final name, staged through a rename of the folder
         stage = tmp / "env"
         base = getattr(sys, "_base_executable", None) or sys.executable
-        proc = subprocess.run([base, "-m", "venv", "--without-pip", str(stage)], capture_output=True, text=True)
+        proc = subprocess.run([base, "-m", "venv", "--without-pip", str(stage)], capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
             raise TritonUnavailable(f"cannot create the stub venv: {proc.stderr.strip()[-200:]}")
         if env.exists():
             shutil.rmtree(env)
         os.replace(stage, env)
-        _pip(["--no-deps", "--target", str(site), STUB_NUMPY], f"installing {STUB_NUMPY} for the stub")
+        if numpy:
+            _pip(["--no-deps", "--target", str(site), numpy], f"installing {numpy} for the stub")
         pth_tmp = site / f".{pth.name}.tmp"
         pth_tmp.write_text("".join(p + "\n" for p in paths))
         os.replace(pth_tmp, pth)
@@ -230,7 +237,7 @@ def install(root: Optional[Path] = None) -> TritonInstall:
     root = Path(root) if root is not None else cache_root()
     home = _install_server(root)
     backends = _install_stub(home)
-    env = _install_stub_env(root)
+    env = install_stub_env(root)
     return TritonInstall(home / "pytriton" / "tritonserver" / "bin" / "tritonserver", backends, env, libdir)
 
 
@@ -301,13 +308,10 @@ class LocalTriton:
 
     def start(self, timeout: float = 180.0) -> "LocalTriton":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
         t0 = time.perf_counter()
-        try:
+        with open(self.log_path, "wb") as log:         # the child keeps its own descriptor
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.install.env(), start_new_session=True)
-        finally:
-            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -38,12 +38,17 @@ class NumpyInteropError(CheersError):
 def check_numpy_interop(pb_utils) -> None:
     """Triton's Python backend stub (2.51 and the releases around it) is built with pybind11's numpy support for
     the numpy 1.x ABI: under numpy 2 it hands the model wrong values without an error (measured: every element read
-    as the first one). Round-trip a small tensor through the stub and refuse to start on a mismatch."""
+    as the first one) and crashes on strings. Round-trip a small tensor through the stub's own memory (a DLPack
+    copy, the path request tensors take) and refuse to start on a mismatch."""
     probe = np.array([1.5, -2.25, 3.0], np.float32)
     ids = np.array([2 ** 40, -7], np.int64)
+
+    def through_stub(name, array):
+        return pb_utils.Tensor.from_dlpack(name, pb_utils.Tensor(name, array)).as_numpy()
+
     try:
-        back = pb_utils.Tensor("probe", probe).as_numpy()
-        back_ids = pb_utils.Tensor("probe_ids", ids).as_numpy()
+        back = through_stub("probe", probe)
+        back_ids = through_stub("probe_ids", ids)
         ok = np.array_equal(np.asarray(back), probe) and np.array_equal(np.asarray(back_ids), ids)
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
         ok, back = False, f"{type(exc).__name__}: {exc}"
@@ -320,7 +325,7 @@ class ChatModel(_PipelineModel):
                 self._stream(request, sender, final)
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
                 sender.send(pb.InferenceResponse(error=self._error(exc)), flags=final)
-        return None
+        # decoupled: every response went through the request's sender, so execute returns None
 
     def _stream(self, request, sender, final):
         pb = self.pb
