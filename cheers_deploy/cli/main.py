@@ -157,6 +157,8 @@ OPTIONAL_COMMANDS = (
     ("bench", "cheers_deploy.cli.bench", "add_bench_args", "benchmark stages, latency, memory and energy"),
     ("serve", "cheers_deploy.cli.serve", "add_serve_args",
      "OpenAI-compatible HTTP service: chat, images, streaming, metrics"),
+    ("triton", "cheers_deploy.cli.triton", "add_triton_args",
+     "write a Triton Inference Server model repository (scale-out)"),
 )
 INSTALL_HINTS = {"torch": "pip install cheers-deploy[torch]", "onnxslim": "pip install cheers-deploy[torch]",
                  "onnxscript": "pip install cheers-deploy[torch]", "matplotlib": "pip install matplotlib",
