@@ -46,11 +46,13 @@ setup(
         #   trt-cu12: CUDA 12.x: JetPack 6.x (Orin), TensorRT 10.x for CUDA 12 on x86/SBSA
         #   trt-cu13: CUDA 13.x: JetPack 7 (Thor), TensorRT for CUDA 13
         #   trt:      the same as trt-cu12 (kept for existing installs; JetPack 7 / CUDA 13 needs trt-cu13)
-        "trt-cu12": ["polygraphy>=0.49", "cuda-python>=12.6,<13"],
-        "trt-cu13": ["polygraphy>=0.49", "cuda-python>=13,<14"],
-        "trt": ["polygraphy>=0.49", "cuda-python>=12.6,<13"],
+        "trt-cu12": ["polygraphy>=0.49", "cuda-python>=12.6,<13", "nvidia-ml-py>=12.535"],
+        "trt-cu13": ["polygraphy>=0.49", "cuda-python>=13,<14", "nvidia-ml-py>=12.535"],
+        "trt": ["polygraphy>=0.49", "cuda-python>=12.6,<13", "nvidia-ml-py>=12.535"],
         # onnxruntime-gpu from PyPI is built for CUDA 12
-        "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.6,<13"],
+        "gpu": ["onnxruntime-gpu>=1.18", "cuda-python>=12.6,<13", "nvidia-ml-py>=12.535"],
+        # bench --energy and the reproducibility fields on a GPU (NVML; pure Python, any architecture)
+        "bench": ["nvidia-ml-py>=12.535", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["cheers-deploy=cheers_deploy.cli:main"]},
 )

@@ -18,6 +18,8 @@
 # Usage: bash bench/run_gpu_checks.sh [RESULTS_DIR]    (default: $OUT when set, else bench/results/gpu_<date>)
 # Dry run of the plumbing on a CPU: PRESET=tiny RESOLUTION=32 STEPS=2 TOTAL_S=240 bash bench/run_gpu_checks.sh DIR
 # At most 7 files are written (the device tool returns 8), none deeper than RESULTS_DIR/gated_residual/.
+# Energy (NVML) needs nvidia-ml-py; a machine without network gets it from a wheel carried along:
+#   pip download nvidia-ml-py --no-deps -d .devcarry      (then carry .devcarry to the GPU machine)
 set -uo pipefail
 CMDLINE="bash $0 $*"
 RESULTS=${1:-${OUT:-bench/results/gpu_$(date +%F)}}
@@ -61,6 +63,11 @@ for line in open(steps_file):
                   "skipped" if rc == "skipped" else ("ok" if rc == "0" else ("timeout" if rc == "124" else "failed")),
                   "seconds": int(secs)})
 info["steps"] = steps
+try:
+    from cheers_deploy.bench.reproducibility import reproducibility
+    info["reproducibility_now"] = reproducibility()
+except Exception as exc:  # noqa: BLE001
+    info["reproducibility_now"] = f"unavailable: {exc!r}"
 info["no_gpu_numbers_invented"] = "every figure comes from the files beside this one"
 json.dump(info, open(out, "w"), indent=1)
 EOF
@@ -84,6 +91,16 @@ run_step() {  # run_step NAME MAX_S MIN_S FUNCTION [ARGS]: timeout min(MAX_S, ti
   fi
   summary >/dev/null 2>&1 || echo "summary.json not written"
 }
+
+if ! "$PY" -c "import pynvml" 2>/dev/null; then          # pure Python: unpack the carried wheel onto PYTHONPATH
+  WHL=$(ls .devcarry/nvidia_ml_py-*.whl 2>/dev/null | tail -1)
+  if [ -n "$WHL" ] && "$PY" -m zipfile -e "$WHL" /tmp/cheers_pynvml; then
+    export PYTHONPATH="/tmp/cheers_pynvml:$PYTHONPATH"
+    echo "pynvml from $WHL"
+  else
+    echo "no pynvml: energy and GPU clocks will be 'unavailable'"
+  fi
+fi
 
 echo "== environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"

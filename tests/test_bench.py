@@ -1,6 +1,6 @@
 """`cheers-deploy bench`: one small CPU run (tiny random checkpoint, exported by the bench itself into an empty
 workdir) whose report is checked for structure and for positive, finite figures (not for values: timings depend on
-the machine); argument errors; the energy samplers against fake counters and rails.
+the machine); argument errors (the energy samplers: test_energy.py).
 
 The export inside the bench is the real `export_all`, run without onnxslim and without the ORT-vs-torch check
 (test_export.py covers those), and with one intra-op thread per backend (two-thread pools slow down several
@@ -15,7 +15,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from cheers_deploy import cli  # noqa: E402
-from cheers_deploy.bench import energy  # noqa: E402
 from cheers_deploy.bench.run import BenchSettings, prepare_workdir  # noqa: E402
 from cheers_deploy.errors import CheckpointError  # noqa: E402
 
@@ -84,6 +83,12 @@ def test_report_header(bench_run):
     assert rep["model"]["checkpoint_hash"] == rep["model"]["workdir_checkpoint_hash"]
     s = rep["settings"]
     assert (s["steps"], s["runs"], s["warmup"], s["backends"], s["tasks"]) == (STEPS, RUNS, 1, BACKENDS, TASKS)
+    for when in ("at_start", "at_end"):          # what makes the numbers reproducible: a reading or "unavailable: why"
+        r = rep["reproducibility"][when]
+        assert set(r) == {"gpu_driver", "cuda_driver", "cuda_runtime_torch", "gpus", "jetson", "cpu_governor"}
+        assert set(r["jetson"]) == {"l4t", "nvpmodel", "jetson_clocks"}
+        for v in [r[k] for k in ("gpu_driver", "cuda_driver", "gpus", "cpu_governor")] + list(r["jetson"].values()):
+            assert v and (not isinstance(v, str) or not v.startswith("unavailable") or len(v) > len("unavailable: "))
 
 
 def test_report_figures_positive_and_finite(bench_run):
@@ -139,7 +144,8 @@ def test_csv_and_markdown(bench_run):
     md = (bench_run["out"] / "bench.md").read_text()
     assert rep["date"] in md and rep["machine"]["cpu_model"] in md and rep["command"] in md
     assert "torch/ort" in md and "time per Euler step" in md and "time to first token" in md
-    assert "## Peak memory" in md and "## Energy" in md
+    assert "## Peak memory" in md and "## Energy" in md and "peak power" in md
+    assert "- clocks and power mode at start: " in md and "CPU governor" in md
 
 
 def test_mismatched_workdir_is_refused(bench_run, monkeypatch):
@@ -164,67 +170,6 @@ def test_argument_errors_are_one_line(args, words, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and words in err and "\n" not in err
     assert not (tmp_path / "wd").exists()                  # nothing exported or written before the check
-
-
-# ------------------------------------------------------------------------------------------------ energy sources
-
-def test_rapl_sums_packages_and_handles_wraparound(tmp_path):
-    root = tmp_path / "powercap"
-    for zone, name, e0 in (("intel-rapl:0", "package-0", 999_000_000), ("intel-rapl:1", "package-1", 5_000_000),
-                           ("intel-rapl:0:0", "core", 1), ("intel-rapl:2", "psys", 7)):
-        (root / zone).mkdir(parents=True)
-        (root / zone / "name").write_text(name + "\n")
-        (root / zone / "energy_uj").write_text(f"{e0}\n")
-        (root / zone / "max_energy_range_uj").write_text("1000000000\n")
-    s = energy.RaplSampler(str(root))
-    assert s.source == "rapl" and "package-0" in s.detail and "core" not in s.detail and "psys" not in s.detail
-    s.start()
-    (root / "intel-rapl:0" / "energy_uj").write_text("2000000\n")        # wrapped: 1e9 - 999e6 + 2e6 uJ = 3 J
-    (root / "intel-rapl:1" / "energy_uj").write_text("6500000\n")        # + 1.5 J
-    (root / "intel-rapl:0:0" / "energy_uj").write_text("900000000\n")    # a subzone: not added
-    assert s.stop() == pytest.approx(4.5)
-    assert s.elapsed_s > 0
-
-
-def test_jetson_rails_prefer_the_module_input(tmp_path):
-    hw = tmp_path / "drivers" / "ina3221" / "1-0040" / "hwmon" / "hwmon3"
-    hw.mkdir(parents=True)
-    for ch, label, mv, ma in ((1, "VDD_IN", 5000, 1000), (2, "VDD_CPU_GPU_CV", 5000, 400), (3, "VDD_SOC", 5000, 200)):
-        (hw / f"in{ch}_label").write_text(label + "\n")
-        (hw / f"in{ch}_input").write_text(f"{mv}\n")
-        (hw / f"curr{ch}_input").write_text(f"{ma}\n")
-    rails = dict(energy.jetson_rails(str(tmp_path / "drivers")))
-    assert rails["VDD_IN"]() == pytest.approx(5.0) and rails["VDD_SOC"]() == pytest.approx(1.0)
-    s = energy.JetsonRailSampler(str(tmp_path / "drivers"))
-    assert s.source == "jetson-ina3221" and "VDD_IN" in s.detail and "VDD_SOC" not in s.detail
-    s.period_s = 0.005
-    s.start()
-    import time
-
-    time.sleep(0.05)
-    j = s.stop()
-    assert j == pytest.approx(5.0 * s.elapsed_s, rel=0.2)                # constant 5 W over the window
-
-
-def test_tegrastats_parsing_and_integration():
-    line = ("RAM 2300/7620MB (lfb 2x4MB) CPU [3%@729,1%@729] EMC_FREQ 0% GR3D_FREQ 0% cpu@45C "
-            "VDD_IN 4920mW/4950mW VDD_CPU_GPU_CV 600mW/610mW VDD_SOC 1400mW/1400mW")
-    assert energy.parse_tegrastats(line) == {"VDD_IN": 4.92, "VDD_CPU_GPU_CV": 0.6, "VDD_SOC": 1.4}
-    assert energy.parse_tegrastats("RAM 1/2MB POM_5V_IN 3000/3000 POM_5V_GPU 100/100")["POM_5V_IN"] == 3.0
-    assert energy.integrate([(0.0, 2.0), (1.0, 4.0), (3.0, 4.0)]) == pytest.approx(11.0)
-    assert energy.integrate([(0.0, 2.0)]) is None
-
-
-def test_discover_never_invents_a_figure():
-    for device in ("cpu", "cuda"):
-        s = energy.discover(device)
-        s.start()
-        j = s.stop()
-        s.close()
-        if s.source is None:
-            assert j is None and s.detail.startswith("no readable energy source")
-        else:
-            assert j is None or (math.isfinite(j) and j >= 0)
 
 
 def test_interleaved_runs_alternate_backends(monkeypatch):

@@ -4,6 +4,7 @@
 parameters the model holds, and the CLI writes its JSON report. The CUDA rows run under `-m gpu`."""
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from cheers_deploy.bench import floor  # noqa: E402
 from cheers_deploy.bench import gpu_step as gs  # noqa: E402
+from cheers_deploy.bench import naive  # noqa: E402
 from cheers_deploy.config import CheersConfig  # noqa: E402
 
 PREFIX = 12
@@ -63,6 +65,44 @@ def test_every_cpu_row_gives_the_eager_latent_and_the_report_is_complete(tmp_pat
     assert d["energy"]["source"] is None
 
 
+def test_energy_per_image_and_token_and_the_headline(tmp_path, monkeypatch):
+    """--energy with a fake 100 W counter (this machine has none): J/image per row, J/token over repeated chat
+    calls, the fastest product row against the naive loop (image) and the eager row (token); reproducibility."""
+    from cheers_deploy.bench import energy
+
+    class Fake100W(energy._CounterSampler):
+        source, detail = "fake", "100 W"
+        _power = staticmethod(lambda: 100.0)
+
+        def _read_j(self):
+            return time.perf_counter() * 100.0
+
+    monkeypatch.setattr(energy, "discover", lambda device, nvml=None: Fake100W())
+    d = _run_cli(tmp_path, "--energy", "--energy-min-s", "0.05", "--variants", "naive,+batched_cfg")
+    v, h = d["variants"], d["energy_headline"]
+    for name in ("naive", "eager", "+batched_cfg"):
+        e = v[name]["energy_per_image"]
+        assert e["status"] == "ok" and e["joules"] == pytest.approx(100.0 * e["seconds"], rel=0.05)
+        assert e["peak_power_w"] == 100.0 and e["seconds"] == pytest.approx(v[name]["image_s"], rel=0.2)
+    t = v["+batched_cfg"]["energy_per_token"]
+    assert t["status"] == "ok" and t["chat_calls"] >= 1 and t["seconds"] >= 0.05
+    assert t["joules_per_unit"] == pytest.approx(t["joules"] / (t["chat_calls"] * 3), rel=0.34)
+    assert "energy_per_token" not in v["naive"]                     # the official loop has no decode
+    assert h["product"] in ("eager", "+batched_cfg")
+    assert h["image"]["baseline"] == "naive" and h["token"]["baseline"] == "eager"
+    assert h["image"]["baseline_over_product"] == pytest.approx(
+        v["naive"]["energy_per_image"]["joules"] / v[h["product"]]["energy_per_image"]["joules"])
+    assert "J/image: " in d["markdown"] and "less energy" in d["markdown"]
+    assert set(d["reproducibility"]) == {"at_start", "at_end"} and "cpu_governor" in d["reproducibility"]["at_end"]
+
+
+def test_without_energy_no_figure_is_reported(tmp_path):
+    d = _run_cli(tmp_path, "--variants", "naive")
+    none = {"status": "unavailable", "reason": "--energy not given"}
+    assert d["variants"]["naive"]["energy_per_image"] == none and d["variants"]["eager"]["energy_per_token"] == none
+    assert d["energy_headline"]["image"] == d["energy_headline"]["token"] == none
+
+
 def test_a_selection_still_runs_the_eager_reference(tmp_path):
     d = _run_cli(tmp_path, "--variants", "naive,+batched_cfg")
     v = d["variants"]
@@ -80,7 +120,7 @@ def test_naive_loop_equals_the_pipeline():
     model = gs.build_model(cfg, torch.device("cpu"), torch.float32, seed=3)
     proc, prompt = gs.processor_for(cfg, 64)
     noise = np.random.default_rng(0).standard_normal((cfg.latent_channels, 4, 4), dtype=np.float32)
-    x_naive, pixels = gs.naive_generate(model, proc, prompt, noise, 3, 9.5, 0.5, 0, gs.StepClock(False))
+    x_naive, pixels = naive.naive_generate(model, proc, prompt, noise, 3, 9.5, 0.5, 0, gs.StepClock(False))
     assert model.options()["rope_cache"] is False              # the official configuration
     model.set_options(rope_cache=True)
     pipe = Pipeline(TorchBackend(model, static_cache=True), proc.tokenizer, proc, cfg, timings=False)

@@ -18,6 +18,7 @@ Counting rules (kept simple so that they can be checked by hand):
 
 from __future__ import annotations
 
+import time
 from typing import Dict
 
 from ..config import CheersConfig
@@ -353,3 +354,26 @@ def step_floor(cfg: CheersConfig, resolution: int, prefix_len: int, steps: int, 
     return {"step_flops": sf, "step_bytes": sb, "step": step, "image_flops": imf, "image_bytes": imb,
             "image_parts_s": parts, "image_floor_s": image_s,
             "naive_algorithm_step_flops": step_flops(cfg, resolution, prefix_len, cfg_batch, vision_batch=cfg_batch)}
+
+
+def measure_device(torch, device, dtype) -> Dict[str, float]:
+    """Best-of-5 square GEMM throughput in the run's dtype and device-to-device copy bandwidth (read + write)."""
+    cuda = device.type == "cuda"
+    n, nbytes = (8192, 1 << 30) if cuda else (1024, 64 << 20)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def best(fn):
+        ts = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return min(ts[1:])
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    tflops = 2.0 * n ** 3 / best(lambda: torch.matmul(a, b)) / 1e12
+    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    gbps = 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9
+    return {"matmul_n": n, "matmul_tflops": tflops, "copy_bytes": nbytes, "copy_gbps": gbps,
+            "note": "host-timed after a sync, best of 5; copy bandwidth counts bytes read plus bytes written"}

@@ -29,7 +29,10 @@ import numpy as np
 from ..config import CheersConfig
 from ..fileio import write_json
 from ..runtime.observer import PipelineObserver
+from . import energy
 from . import floor as floor_mod
+from .naive import naive_generate
+from .reproducibility import reproducibility
 
 LADDER = [  # (name, what it adds, settings; each row keeps the settings of the rows above it)
     ("naive", "official loop: CFG branches as separate passes (vision tower per branch), KV cache appended with "
@@ -124,66 +127,6 @@ def stats(ms) -> Dict[str, float]:
                                   "min": float(a.min()), "n": int(a.size)}
 
 
-def naive_generate(model, proc, prompt: str, noise: np.ndarray, steps: int, cfg_scale: float, alpha: float, seed: int,
-                   clock: StepClock):
-    """The official text-to-image loop (§13.1, §13.3), compactly: each CFG branch is prefilled and stepped on its
-    own (the vision tower runs per branch), logits of every prefill position, the KV cache appended with torch.cat
-    and cropped back to the prompt, host RoPE tables, SDPA with repeat_kv. Returns (latent, pixels)."""
-    import torch
-    from ..runtime.masks import prefill_mask
-    from ..runtime.scheduler import FlowMatchEulerScheduler
-
-    model.set_options(attn_impl="sdpa", rope_cache=False, fused_gate=False)
-    dev, dtype = model.lm_head.weight.device, model.dtype
-    ids = proc.t2i_ids(prompt)
-    pix = torch.from_numpy(proc.dummy_pixel_values(seed)[None]).to(dev)
-    pasts = []
-    for branch in (ids, proc.uncond_ids(ids)):                      # cond, uncond
-        tok, _ = model.vision_tokenize(model.vae_encode(pix))
-        emb = torch.cat([tok, model.embed(torch.tensor([branch], device=dev))], dim=1)     # (1,S,D)
-        s = emb.shape[1]
-        mask = torch.from_numpy(prefill_mask(np.zeros(s, bool))).to(dev)[None, None]
-        hidden, kv = model.backbone(emb, torch.arange(s, device=dev)[None], mask)
-        model.logits(hidden)
-        pasts.append(kv)
-    sched = FlowMatchEulerScheduler(alpha).set_timesteps(steps)
-    x = torch.from_numpy(np.asarray(noise, np.float32)[None]).to(dev, dtype)
-    for i, t in enumerate(sched.timesteps):
-        v = []
-        for b in range(2):
-            tok, pe = model.vision_tokenize(x)
-            hidden, new = model.backbone(tok, torch.arange(s, s + tok.shape[1], device=dev)[None], None, pasts[b])
-            pasts[b] = [(torch.cat([pk, k], 2)[:, :, :s], torch.cat([pv, vv], 2)[:, :, :s])    # append, crop
-                        for (pk, pv), (k, vv) in zip(pasts[b], new)]
-            v.append(model.cfm_head(hidden, pe, torch.full((1,), float(t), device=dev)))
-        x = sched.step(v[1] + (v[0] - v[1]) * float(cfg_scale), i, x)
-        clock.on_step(i + 1, steps, float(t), x)
-    return x.float().cpu().numpy()[0], model.vae_decode(x).float().cpu().numpy()
-
-
-def measure_device(torch, device, dtype) -> Dict[str, float]:
-    """Best-of-5 square GEMM throughput in the run's dtype and device-to-device copy bandwidth (read + write)."""
-    cuda = device.type == "cuda"
-    n, nbytes = (8192, 1 << 30) if cuda else (1024, 64 << 20)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def best(fn):
-        ts = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return min(ts[1:])
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    tflops = 2.0 * n ** 3 / best(lambda: torch.matmul(a, b)) / 1e12
-    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    gbps = 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9
-    return {"matmul_n": n, "matmul_tflops": tflops, "copy_bytes": nbytes, "copy_gbps": gbps,
-            "note": "host-timed after a sync, best of 5; copy bandwidth counts bytes read plus bytes written"}
-
-
 def run_row(ctx, name: str, state: Dict) -> Dict:
     """One row: build the backend the settings ask for, warm up, time an image and a short decode."""
     torch = ctx["torch"]
@@ -209,6 +152,7 @@ def run_row(ctx, name: str, state: Dict) -> Dict:
         t0 = time.perf_counter()
         latent, _ = naive(a.steps, clock)
         r["image_s"], joules = time.perf_counter() - t0, ctx["sampler"].stop()
+        r["energy_per_image"] = energy.energy_figures(ctx["sampler"], joules, ctx["sampler"].elapsed_s)
         be = None
     else:
         model.set_options(attn_impl="sdpa", rope_cache=state["rope_cache"], fused_gate=state["fused_gate"])
@@ -225,6 +169,7 @@ def run_row(ctx, name: str, state: Dict) -> Dict:
         t0 = time.perf_counter()
         out = pipe.generate(ctx["prompt"], observer=clock, **gen)      # ends with host copies: synchronised
         r["image_s"], joules = time.perf_counter() - t0, ctx["sampler"].stop()
+        r["energy_per_image"] = energy.energy_figures(ctx["sampler"], joules, ctx["sampler"].elapsed_s)
         latent = out.latent
         sp, tok = pipe.special, StepClock(False)
         chat = dict(temperature=0.0, suppress_tokens=(sp.chat_end, sp.img_start, sp.img_end))
@@ -233,10 +178,19 @@ def run_row(ctx, name: str, state: Dict) -> Dict:
         if len(tok.tokens) > 2:       # on_token comes after each sampling; between two: one decode step
             r.update(decode_tokens=len(res.token_ids),
                      decode_tokens_per_s=(len(tok.tokens) - 1) / (tok.tokens[-1] - tok.tokens[0]))
+        if ctx["sampler"].available:      # chat calls (prefill + decode) for at least --energy-min-s, per token out
+            tokens = []
+            ctx["sampler"].start()
+            t_end = time.perf_counter() + a.energy_min_s
+            while not tokens or time.perf_counter() < t_end:
+                tokens.append(len(pipe.chat(ctx["prompt"], max_new_tokens=a.decode_tokens, **chat).token_ids))
+            j = ctx["sampler"].stop()
+            r["energy_per_token"] = dict(energy.energy_figures(ctx["sampler"], j, ctx["sampler"].elapsed_s,
+                                                               sum(tokens)), chat_calls=len(tokens))
+        else:
+            r["energy_per_token"] = energy.energy_figures(ctx["sampler"], None, None)
         r.update(warmup_s=be.warmup_s, captures=be.captures, replays=be.replays)
     r.update(per_step_ms=stats(clock.step_ms()), latent_finite=bool(np.isfinite(latent).all()))
-    if joules is not None:
-        r.update(energy_j_per_image=joules, avg_power_w=joules / r["image_s"])
     if cuda:
         r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30     # weights included
     if be is not None:
@@ -247,6 +201,27 @@ def run_row(ctx, name: str, state: Dict) -> Dict:
 def compare(latent, ref) -> Dict[str, float]:
     d = float(np.abs(latent - ref).max())
     return {"max_abs": d, "rel": d / max(float(np.abs(ref).max()), 1e-30)}
+
+
+def energy_headline(rows: Dict) -> Dict:
+    """J/image of the fastest product row against the official loop (naive), and J/token against the eager row
+    (the official decode: concatenated K/V, host RoPE); baseline / product > 1 means the product spends less."""
+    ok = {n: r for n, r in rows.items() if r.get("status") == "ok" and n != "naive" and r.get("image_s")}
+    if not ok:
+        return {"status": "unavailable", "reason": "no product row ran"}
+    best = min(ok, key=lambda n: ok[n]["image_s"])
+    out: Dict = {"product": best}
+    for unit, key, base in (("image", "energy_per_image", "naive"), ("token", "energy_per_token", "eager")):
+        p, b = ok[best].get(key, {}), rows.get(base, {}).get(key, {})
+        if p.get("status") == "ok" and b.get("status") == "ok":
+            out[unit] = {"baseline": base, "baseline_j": b["joules_per_unit"], "product_j": p["joules_per_unit"],
+                         "baseline_over_product": b["joules_per_unit"] / p["joules_per_unit"],
+                         "product_avg_w": p["avg_power_w"], "product_peak_w": p["peak_power_w"],
+                         "baseline_avg_w": b["avg_power_w"], "baseline_peak_w": b["peak_power_w"]}
+        else:
+            out[unit] = {"status": "unavailable", "reason": (p.get("reason") or b.get("reason")
+                                                              or f"{base} or {best} has no {key}")}
+    return out
 
 
 def markdown(d: Dict) -> str:
@@ -261,10 +236,17 @@ def markdown(d: Dict) -> str:
         sp = naive / r["image_s"] if naive and r.get("image_s") else None
         cells = [f(med), f(r.get("image_s"), ".3f"), f(r.get("first_call_s")), f(r.get("warmup_s")),
                  f(r.get("decode_tokens_per_s"), ".1f"), f(r.get("peak_gpu_mem_gib")),
-                 f(r.get("energy_j_per_image"), ".1f"), f(ratio), f(sp)]
+                 f(r.get("energy_per_image", {}).get("joules"), ".1f"), f(ratio), f(sp)]
         rows.append(f"| {name} | {r['status']} | " + " | ".join(cells) + " |")
     if fl.get("step_floor_ms"):
         rows.append(f"| floor | analytic | {fl['step_floor_ms']:.2f} | {fl['image_floor_s']:.3f} | | | | | | 1.00 | |")
+    h = d.get("energy_headline", {})
+    for unit in ("image", "token"):
+        e = h.get(unit, {})
+        rows.append(f"\nJ/{unit}: {h.get('product')} {e['product_j']:.4g} J (avg {e['product_avg_w']:.0f} W, peak "
+                    f"{f(e['product_peak_w'], '.0f')} W) vs {e['baseline']} {e['baseline_j']:.4g} J: "
+                    f"{e['baseline_over_product']:.2f}x less energy" if "product_j" in e else
+                    f"\nJ/{unit}: {e.get('reason', 'not measured')}")
     return "\n".join(rows)
 
 
@@ -306,7 +288,6 @@ def ladder(ctx, d: Dict, left, save, log) -> None:
 
 def run(args) -> Dict:
     import torch
-    from .energy import UnavailableSampler, discover
     from .environment import library_versions, machine_info
 
     t_start = time.perf_counter()
@@ -318,6 +299,7 @@ def run(args) -> Dict:
     d: Dict = {"schema": "cheers-gpu-step/2", "date": _dt.datetime.now().isoformat(timespec="seconds"),
                "command": " ".join([Path(sys.executable).name, "-m", "cheers_deploy.bench.gpu_step"] + sys.argv[1:]),
                "complete": False, "machine": machine_info(), "versions": library_versions(),
+               "reproducibility": {"at_start": reproducibility()},
                "device": {"type": dev.type, "torch": torch.__version__, "cuda": torch.version.cuda,
                           "python": platform.python_version()}, "variants": {}, "errors": []}
     if cuda:
@@ -339,11 +321,11 @@ def run(args) -> Dict:
                        "prefix_len": prefix, "llm_tokens_per_image": proc.tokens_per_image, "latent": [c, g, g],
                        "budget_s": args.budget_s, "build_s": time.perf_counter() - t0,
                        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
-        dm = measure_device(torch, dev, dtype)
+        dm = floor_mod.measure_device(torch, dev, dtype)
         fl = floor_mod.step_floor(cfg, args.resolution, prefix, args.steps, dm["matmul_tflops"], dm["copy_gbps"])
         fl["step_floor_ms"] = fl["step"]["floor_s"] * 1e3
         d["device_measured"], d["floor"] = dm, fl
-        sampler = discover(args.device) if args.energy else UnavailableSampler("--energy not given")
+        sampler = energy.discover(args.device) if args.energy else energy.UnavailableSampler("--energy not given")
         d["energy"] = sampler.describe()
         save()
         log(f"{d['device'].get('name', 'cpu')} {args.preset} {args.resolution}px {args.steps} steps, prefix {prefix}, "
@@ -352,6 +334,9 @@ def run(args) -> Dict:
                    sampler=sampler)
         ladder(ctx, d, left, save, log)
     model.set_options(attn_impl="sdpa", rope_cache=True, fused_gate=False)
+    sampler.close()
+    d["reproducibility"]["at_end"] = reproducibility()          # clocks right after the timed rows
+    d["energy_headline"] = energy_headline(d["variants"])
     d["elapsed_s"], d["complete"] = time.perf_counter() - t_start, True
     d["markdown"] = markdown(d)
     save()
@@ -366,7 +351,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_step_<date>.json)")
     p.add_argument("--budget-s", type=float, default=300.0, help="rows that would not fit are skipped")
-    p.add_argument("--energy", action="store_true", help="joules per image (NVML on a GPU, RAPL on a CPU)")
+    p.add_argument("--energy", action="store_true", help="joules per image and per token (NVML on a GPU, RAPL on a "
+                   "CPU), average and peak power")
+    p.add_argument("--energy-min-s", type=float, default=2.0, help="J/token: repeat chat calls for this long")
     p.add_argument("--compile-reserve-s", type=float, default=150.0, help="a compiling row needs this budget left")
     p.add_argument("--variants", default="all", help="comma list of " + ",".join(NAMES))
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

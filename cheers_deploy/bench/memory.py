@@ -101,7 +101,7 @@ class GpuMemory:
         try:
             import pynvml
 
-            from .energy import _gpu_index
+            from .energy import gpu_index as _gpu_index
 
             pynvml.nvmlInit()
             self._nvml = pynvml

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .reproducibility import summary_line
 from .run import METRIC_UNITS, STAGE_LABELS
 from ..fileio import atomic_path, atomic_write_text, json_safe
 
@@ -39,6 +40,15 @@ def _gib(b) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
+def repro_lines(rep: dict) -> List[str]:
+    """Clocks, power limit, persistence, Jetson power mode and CPU governor at the start and end of the run."""
+    r = rep.get("reproducibility")
+    if not r:
+        return ["- clocks and power mode: not recorded in this report (an older schema)"]
+    return [f"- clocks and power mode {when.replace('_', ' ')}: {summary_line(r[when])}" for when in ("at_start", "at_end")
+            if when in r]
+
+
 def header_lines(rep: dict) -> List[str]:
     m, lib = rep["machine"], rep["libraries"]
     gpus = ", ".join(f"{g['name']}" for g in m.get("gpus") or []) or "none"
@@ -50,6 +60,7 @@ def header_lines(rep: dict) -> List[str]:
             f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), {mem} RAM, "
             f"GPU: {gpus}; {m['os']}{load}",
             f"- libraries: {libs}",
+            *repro_lines(rep),
             f"- command: `{rep['command']}`" if rep.get("command") else "- command: (library call)"]
 
 
@@ -123,17 +134,18 @@ def markdown(rep: dict) -> str:
     pp = rep.get("process_peak_rss") or {}
     if "bytes" in pp:
         L += ["", f"Peak RSS of the whole benchmark process: {_gib(pp['bytes'])} ({pp['source']})."]
-    L += ["", "## Energy", "", "| backend | task | J/image | J/token | average power | source |", "|---|---|---|---|---|---|"]
+    L += ["", "## Energy", "", "| backend | task | J/image | J/token | average power | peak power | source |",
+          "|---|---|---|---|---|---|---|"]
     notes: List[str] = []
     for b in backends:
         for task, t in rep["backends"][b]["tasks"].items():
             e = t["energy"]
             if e.get("status") == "ok":
                 L.append(f"| {b} | {task} | {_fmt(e.get('joules_per_image'))} | {_fmt(e.get('joules_per_token'))} | "
-                         f"{_fmt(e['avg_power_w'])} W | {e['source']} |")
+                         f"{_fmt(e['avg_power_w'])} W | {_fmt(e.get('peak_power_w'))} W | {e['source']} |")
                 note = f"{e['source']}: {e['detail']}"
             else:
-                L.append(f"| {b} | {task} | unavailable | unavailable | unavailable | {e['status']} |")
+                L.append(f"| {b} | {task} | unavailable | unavailable | unavailable | unavailable | {e['status']} |")
                 note = e.get("reason", "")
             if note and note not in notes:
                 notes.append(note)
@@ -161,7 +173,8 @@ def csv_rows(rep: dict) -> List[List[object]]:
             for k, s in t["end_to_end"].items():
                 rows.append([b, task, "end_to_end", k, s["unit"], s["median"], s["p90"], s["mean"], s["min"], s["n"]] + tail)
             e = t["energy"]
-            for k, unit in (("joules_per_image", "J"), ("joules_per_token", "J"), ("avg_power_w", "W")):
+            for k, unit in (("joules_per_image", "J"), ("joules_per_token", "J"), ("avg_power_w", "W"),
+                            ("peak_power_w", "W")):
                 if e.get("status") == "ok" and k in e:
                     rows.append([b, task, "energy", k, unit, e[k], "", "", "", 1] + tail)
                 elif e.get("status") != "ok":

@@ -35,6 +35,7 @@ from ..errors import CheckpointError, InputError, MissingDependencyError
 from . import energy as energy_mod
 from ..runtime.observer import PipelineObserver
 from .environment import library_versions, machine_info
+from .reproducibility import reproducibility
 from .memory import GpuMemory, HostMemory, peak_rss
 
 SCHEMA = "cheers-deploy-bench/1"
@@ -374,12 +375,14 @@ def summarise(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def energy_summary(sampler, joules: Optional[float], elapsed: Optional[float], images: int,
-                   tokens: int) -> Dict[str, object]:
-    base = {"source": sampler.source, "detail": sampler.detail}
+                   tokens: int, peak_w: Optional[float] = None) -> Dict[str, object]:
+    base = {"source": sampler.source, "method": sampler.method or None, "detail": sampler.detail}
     if joules is None or not elapsed or not math.isfinite(joules) or joules <= 0:
         reason = sampler.detail if sampler.source is None else f"{sampler.source}: counter did not advance or unreadable"
         return dict(base, status="unavailable", reason=reason)
     out = dict(base, status="ok", joules=joules, elapsed_s=elapsed, avg_power_w=joules / elapsed)
+    if peak_w is not None:
+        out["peak_power_w"] = peak_w
     if images:
         out["joules_per_image"] = joules / images
     if tokens:
@@ -446,6 +449,8 @@ class _Loaded:
             else:
                 acc["joules"] = acc.get("joules", 0.0) + j
             acc["seconds"] = acc.get("seconds", 0.0) + (self.sampler.elapsed_s or 0.0)
+            if self.sampler.peak_w is not None:
+                acc["peak_w"] = max(acc.get("peak_w", 0.0), self.sampler.peak_w)
         return r
 
     def finish(self) -> Dict[str, object]:
@@ -491,7 +496,7 @@ def _measure(task: str, group: List[_Loaded], s: BenchSettings, log: Callable[[s
             a = acc[lb.name]
             joules = None if a.get("failed") else a.get("joules")
             summary["energy"] = energy_summary(lb.sampler, joules, a.get("seconds"), sum(x["images"] for x in rr),
-                                               sum(x["tokens"] for x in rr))
+                                               sum(x["tokens"] for x in rr), a.get("peak_w"))
         else:
             summary["energy"] = {"status": "not requested (--energy)"}
         summary["tokens_per_run"] = rr[-1]["tokens"]
@@ -507,6 +512,7 @@ def run_benchmark(s: BenchSettings, command: str = "") -> Dict[str, object]:
         _check_backend_available(b)
     started = _dt.datetime.now(_dt.timezone.utc)
     machine = machine_info()
+    repro = {"at_start": reproducibility()}
     model = prepare_workdir(s, log)
 
     results: Dict[str, Dict[str, object]] = {}
@@ -535,6 +541,7 @@ def run_benchmark(s: BenchSettings, command: str = "") -> Dict[str, object]:
                 lb.sampler.close()
             lb.gpu.close()
     process_peak = peak_rss()
+    repro["at_end"] = reproducibility()          # clocks and power state right after the timed runs
 
     try:
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -547,6 +554,7 @@ def run_benchmark(s: BenchSettings, command: str = "") -> Dict[str, object]:
                                    else "sequential, one backend loaded at a time, in --backends order"))
     return {"schema": SCHEMA, "date": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "machine": machine, "libraries": library_versions(), "model": model,
+            "command": command, "machine": machine, "libraries": library_versions(), "reproducibility": repro,
+            "model": model,
             "settings": settings, "stage_labels": STAGE_LABELS, "backends": results,
             "process_peak_rss": process_peak, "ratios": ratio_table(results, s.backends)}
