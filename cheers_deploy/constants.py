@@ -7,6 +7,8 @@ VERSION = "0.1.0"
 
 # The five exported graphs, in pipeline order (docs/DESIGN.md).
 GRAPH_NAMES = ("vae_encoder", "vision_tokenizer", "backbone", "cfm_head", "vae_decoder")
+# graphs without state (no KV cache): each call depends only on its inputs
+STATELESS_GRAPHS = tuple(g for g in GRAPH_NAMES if g != "backbone")
 
 # Precisions a graph (and so an engine) can be baked in; fp32 is what `export` writes.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")

@@ -15,6 +15,7 @@ import ast
 import ctypes
 import math
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -371,6 +372,33 @@ def test_plugin_compiles_against_tensorrt(static_reg):
            str(SRC / "GatedResidualPlugin.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+REAL_HEADERS = Path(__file__).resolve().parent / "data" / "tensorrt-include"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("version", sorted(p.name for p in REAL_HEADERS.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("static_reg", [0, 1])
+def test_plugin_compiles_against_real_tensorrt_headers(version, static_reg):
+    """GatedResidualPlugin.cpp against NVIDIA's own headers of TensorRT 10.3, 10.13 and 11.1 (tests/data/
+    tensorrt-include, verbatim from github.com/NVIDIA/TensorRT): no error, no warning of ours (the headers are
+    system headers: their own deprecation warnings are not ours to fix), every override marked."""
+    cxx = _host_cxx()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    cuda_inc = pb.cuda_include_dir(NVCC)
+    if cuda_inc is None:
+        pytest.skip("CUDA runtime headers not found")
+    inc = REAL_HEADERS / version
+    major = int(re.search(r"#define TRT_MAJOR_ENTERPRISE (\d+)|#define NV_TENSORRT_MAJOR (\d+)",
+                          (inc / "NvInferVersion.h").read_text()).group(0).split()[-1])
+    assert major == int(version[1:].split(".")[0])
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Wsuggest-override", "-Werror",
+           f"-DCHEERS_PLUGIN_STATIC_REGISTRATION={static_reg}", "-isystem", str(inc), "-isystem", str(cuda_inc),
+           "-I", str(SRC), str(SRC / "GatedResidualPlugin.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-4000:]
 
 
 @needs_nvcc

@@ -48,20 +48,20 @@ def repo(tmp_path_factory):
     return write_repository(WORKDIR, tmp_path_factory.mktemp("triton") / "repo", RepositoryOptions(instances=2))
 
 
-def parse_config(path: Path):
-    """config.pbtxt through Triton's own ModelConfig message (tritonclient's generated protobuf), when present."""
-    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+@pytest.fixture(scope="session")
+def model_config():
+    """Triton's ModelConfig protobuf message (tritonclient's generated module), installed on first use as the live
+    tests install it (a fresh environment has no tritonclient when tests are collected)."""
+    from cheers_deploy.triton import local
+
+    try:
+        local.ensure_client()
+        import tritonclient.grpc.model_config_pb2 as mc
+    except (local.TritonUnavailable, ImportError) as exc:
+        pytest.skip(f"tritonclient (its ModelConfig protobuf) is not installed and could not be: {exc}")
     from google.protobuf import text_format
 
-    return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
-def have_tritonclient() -> bool:
-    try:
-        import tritonclient.grpc.model_config_pb2  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return lambda path: text_format.Parse(Path(path).read_text(), mc.ModelConfig())
 
 
 # ------------------------------------------------------------------------------------------------ the repository
@@ -86,8 +86,8 @@ def test_layout_and_copy(repo):
     assert not leftovers, leftovers
 
 
-@pytest.mark.skipif(not have_tritonclient(), reason="tritonclient (its ModelConfig protobuf) is not installed")
-def test_configs_parse_as_triton_model_configs(repo):
+def test_configs_parse_as_triton_model_configs(repo, model_config):
+    parse_config = model_config
     gen = parse_config(repo / GENERATE_MODEL / "config.pbtxt")
     chat = parse_config(repo / CHAT_MODEL / "config.pbtxt")
     for cfg, name in ((gen, GENERATE_MODEL), (chat, CHAT_MODEL)):
@@ -113,8 +113,8 @@ def test_configs_parse_as_triton_model_configs(repo):
     assert all(i.optional for i in chat.input)
 
 
-@pytest.mark.skipif(not have_tritonclient(), reason="tritonclient (its ModelConfig protobuf) is not installed")
-def test_gpu_instances_and_options(tmp_path):
+def test_gpu_instances_and_options(tmp_path, model_config):
+    parse_config = model_config
     opts = RepositoryOptions(backend="trt", instances=3, gpus=[0, 1], precision="fp16", max_queue=0,
                              queue_timeout_s=2.5, warmup=False)
     write_repository(WORKDIR, tmp_path / "r", opts)
@@ -128,12 +128,12 @@ def test_gpu_instances_and_options(tmp_path):
     assert len(cfg.model_warmup) == 0 and not (tmp_path / "r" / GENERATE_MODEL / "warmup").exists()
 
 
-@pytest.mark.skipif(not have_tritonclient(), reason="tritonclient (its ModelConfig protobuf) is not installed")
-def test_native_graph_models_match_the_graphs(tmp_path):
+def test_native_graph_models_match_the_graphs(tmp_path, model_config):
     """--native-graphs (UNVERIFIED on a server here: the test server has only the Python backend): the configs
     parse, and their tensors are the graphs' own (names, types, dims after the batch axis) as onnxruntime reads
     them; the graph files are hard links to the workdir copy."""
     import onnxruntime as ort
+    parse_config = model_config
 
     from cheers_deploy.triton.repository import NATIVE_GRAPHS
 
@@ -409,15 +409,23 @@ def test_numpy_interop_check_refuses_a_broken_stub():
 
 
 def test_gpu_instance_asks_for_cuda(repo):
+    """KIND_GPU: onnxruntime gets CUDAExecutionProvider on Triton's device id; trt runs on that GPU; trt on KIND_CPU
+    is refused. (Loading it needs a GPU: on this machine onnxruntime refuses the provider.)"""
     params = {k: {"string_value": v} for k, v in model_parameters(RepositoryOptions(), "workdir").items()}
     args = {"model_repository": str(repo / GENERATE_MODEL), "model_version": "1", "model_instance_kind": "GPU",
             "model_instance_device_id": "1"}
+    workdir, backend, precision, kw = pm.pipeline_arguments(args, {"parameters": params})
+    assert backend == "ort" and kw["providers"] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert workdir == repo / GENERATE_MODEL / "1" / "workdir"
+    trt = dict(params, backend={"string_value": "trt"})
+    assert pm.pipeline_arguments(args, {"parameters": trt})[3] == {"device": 1}
+    with pytest.raises(InputError, match="KIND_GPU"):
+        pm.pipeline_arguments(dict(args, model_instance_kind="CPU"), {"parameters": trt})
     import onnxruntime
 
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("CUDA is available here: the GPU path is checked on a GPU machine")
-    with pytest.raises(Exception, match="CUDAExecutionProvider"):
-        pm.load_pipeline(args, {"parameters": params})
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(Exception, match="CUDAExecutionProvider"):
+            pm.load_pipeline(args, {"parameters": params})
 
 
 # ------------------------------------------------------------------------------------------------ a real tritonserver

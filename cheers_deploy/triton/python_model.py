@@ -19,7 +19,7 @@ import json
 import math
 import traceback
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -83,9 +83,9 @@ def resolve_workdir(args: dict, workdir_param: str) -> Path:
     return Path(args["model_repository"]) / str(args.get("model_version") or "1") / p
 
 
-def load_pipeline(args: dict, model_config: dict, log=None):
-    """One Pipeline for this instance, on the device Triton gave it."""
-    from ..runtime.pipeline import Pipeline
+def pipeline_arguments(args: dict, model_config: dict, log=None) -> Tuple[Path, str, Optional[str], dict]:
+    """(workdir, backend, precision, keyword arguments) of this instance's Pipeline.from_workdir, on the device
+    Triton gave it: KIND_GPU asks onnxruntime for CUDAExecutionProvider(device_id) or runs TensorRT on that GPU."""
     from ..runtime.threads import physical_cores
 
     params = model_parameters(model_config)
@@ -107,6 +107,14 @@ def load_pipeline(args: dict, model_config: dict, log=None):
     wanted = params.get("cheers_deploy_version")
     if wanted and wanted != VERSION and log is not None:
         log(f"this repository was written by cheers-deploy {wanted}; the installed package is {VERSION}")
+    return workdir, backend, precision, kw
+
+
+def load_pipeline(args: dict, model_config: dict, log=None):
+    """One Pipeline for this instance, on the device Triton gave it."""
+    from ..runtime.pipeline import Pipeline
+
+    workdir, backend, precision, kw = pipeline_arguments(args, model_config, log)
     return Pipeline.from_workdir(workdir, backend=backend, precision=precision, timings=False, **kw)
 
 

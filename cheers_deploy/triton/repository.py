@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..constants import MANIFEST_NAME, PRECISIONS, VERSION
+from ..constants import MANIFEST_NAME, PRECISIONS, STATELESS_GRAPHS, VERSION
 from ..errors import CheckpointError, InputError
 from ..fileio import atomic_path, atomic_write_bytes, atomic_write_text, contained, sha256_file, write_json
 from ..manifest import Manifest
@@ -42,7 +42,7 @@ WARMUP_TOKENS = 2
 # temporary files of an interrupted write)
 SKIP_TOP = ("calib",)
 # stateless graphs that can also be written as native onnxruntime-backend models (--native-graphs; unverified here)
-NATIVE_GRAPHS = ("vae_encoder", "vision_tokenizer", "cfm_head", "vae_decoder")
+NATIVE_GRAPHS = STATELESS_GRAPHS
 NATIVE_PREFIX = "cheers_"
 DEFAULT_MAX_BATCH = 8
 

@@ -4,7 +4,10 @@ against stub libnvinfer / libnvinfer_plugin / libnvonnxparser libraries that onl
 extension links to (nothing of TensorRT ever runs). Used by tests/test_trt_real_api.py.
 
 Cache: $CHEERS_TRT_BINDINGS_CACHE, else tests/.cache/trt-bindings (git-ignored). `pip download` runs only when the
-wheel for a version is not cached; when the package index cannot be reached the tests skip, saying so.
+wheel for a version is not cached. When the package index cannot be reached (a clean offline clone), the guard
+reads the committed snapshot of the same description, tests/data/trt_api/<version>.json, written from the real
+bindings by `python tests/trt_api/bindings.py --write-snapshots`; when the index is reachable, the tests also
+check that the snapshot still equals the live bindings.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ STUB_SYMBOLS = {
                         "getNvOnnxParserVersion": "int {}(void)"},
 }
 STUB_BODIES = {"void*": "return 0;", "int": "return 0;"}
+
+
+SNAPSHOTS = HERE.parent / "data" / "trt_api"
 
 
 class Unavailable(Exception):
@@ -121,5 +127,64 @@ def describe(version: str, owners) -> dict:
     if proc.returncode != 0:
         raise AssertionError(f"importing {PACKAGE} {version} against the stubs failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout)
-    out.update(dir=str(pkg), extension=str(extension(pkg)))
+    out.update(dir=str(pkg), extension=str(extension(pkg)), facts=binary_facts(extension(pkg)), source="live")
     return out
+
+
+#: strings of the extension the code relies on (trt_backend.py catches RuntimeError around profile selection)
+BINARY_STRINGS = ("Error in set optimization profile async.",)
+
+
+def binary_facts(ext: Path) -> dict:
+    """What the tests need from the extension binary itself: its TensorRT DT_NEEDED libraries, which of the stub
+    entry points it imports, and which of BINARY_STRINGS it contains."""
+    info = compat.read_elf_dynamic(ext)
+    wanted = {sym for syms in STUB_SYMBOLS.values() for sym in syms}
+    blob = ext.read_bytes()
+    return {"needed": sorted(n for n in info.needed if n.startswith("libnv")),
+            "imports": sorted(wanted & set(info.imports)),
+            "strings": sorted(t for t in BINARY_STRINGS if t.encode() in blob)}
+
+
+def snapshot_path(version: str) -> Path:
+    return SNAPSHOTS / f"{version}.json"
+
+
+def load_snapshot(version: str, owners) -> dict:
+    """The committed description of `version` (the same shape as describe(), source "snapshot")."""
+    path = snapshot_path(version)
+    if not path.is_file():
+        raise AssertionError(f"no snapshot {path}: run `python tests/trt_api/bindings.py --write-snapshots` where "
+                             f"the package index is reachable")
+    d = json.loads(path.read_text())
+    missing = sorted(set(owners) - set(d["owners"]))
+    if missing:
+        raise AssertionError(f"{path.name} lacks {missing} (the code now uses them): run `python "
+                             f"tests/trt_api/bindings.py --write-snapshots` where the package index is reachable")
+    return dict(d, source="snapshot")
+
+
+def describe_or_snapshot(version: str, owners) -> dict:
+    """The live description when the bindings can be had here, else the committed snapshot."""
+    try:
+        return describe(version, owners)
+    except Unavailable as exc:
+        return dict(load_snapshot(version, owners), unavailable=str(exc))
+
+
+def write_snapshots(owners) -> None:
+    SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+    for v in VERSIONS:
+        d = describe(v, owners)
+        keep = {k: d[k] for k in ("version", "owners", "facts")}
+        snapshot_path(v).write_text(json.dumps(keep, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {snapshot_path(v)}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-snapshots"]:
+        sys.exit("usage: python tests/trt_api/bindings.py --write-snapshots")
+    sys.path.insert(0, str(HERE.parent))
+    from trt_api import usage
+
+    write_snapshots(usage.owners_needed())
